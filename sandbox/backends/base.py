@@ -1,0 +1,126 @@
+"""Where a kernel runs: the backend interface.
+
+Modelled on jupyter_client's kernel provisioners (launch, poll, wait, send_signal, kill,
+cleanup), cut down to what the engine needs and made async end to end. A backend starts
+kernels; each start returns a `KernelProcess`, the handle the engine signals, kills and
+watches. The engine talks to the kernel itself over ZMQ with `connection_info`; transport is
+IPC (unix sockets in a per-kernel runtime directory), so a kernel needs no network at all.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Socket names are "<runtime_dir>/k-<port>" for ipc transport.
+_PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one kernel. `None` means "not limited by us"."""
+
+    memory_bytes: int | None = 2 * 1024**3
+    cpus: float | None = 1.0
+    pids: int | None = 256
+    file_size_bytes: int | None = 1024**3
+    open_files: int | None = 1024
+    # The working directory's size (Docker: tmpfs/quota; local: enforced by file_size only).
+    disk_bytes: int | None = 1024**3
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What every kernel of a backend is started with (besides its own directories)."""
+
+    limits: Limits = field(default_factory=Limits)
+    # Cap on text the kernel sends per stream per execution before it keeps only the tail.
+    output_cap_chars: int = 200_000
+    # Cap on one image (decoded bytes) that a display may carry.
+    image_cap_bytes: int = 8 * 1024**2
+    # Extra environment for the kernel (never the service's own environment).
+    env: dict[str, str] = field(default_factory=dict)
+    start_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a kernel ended, in words fit for a model and an operator."""
+
+    exit_code: int | None
+    reason: str  # e.g. "out of memory", "killed by signal 9 (SIGKILL)", "exited with code 1"
+    oom: bool = False
+
+
+class KernelProcess(abc.ABC):
+    """One running kernel, wherever it runs."""
+
+    #: host-side path of the session working directory the kernel runs in
+    workdir: Path
+    #: host-side directory holding the kernel's sockets and connection file
+    runtime_dir: Path
+    #: what jupyter_client needs to connect (transport "ipc", host-side socket paths)
+    connection_info: dict
+
+    @abc.abstractmethod
+    async def poll(self) -> ExitInfo | None:
+        """`None` while the kernel process is alive, else how it ended."""
+
+    @abc.abstractmethod
+    async def wait(self) -> ExitInfo:
+        """Return when the kernel process has ended."""
+
+    @abc.abstractmethod
+    async def send_signal(self, signum: int) -> None:
+        """Deliver a signal to the kernel (and what it started); a dead kernel is a no-op."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Kill the kernel and everything it started, now."""
+
+    @abc.abstractmethod
+    async def cleanup(self) -> None:
+        """Release what the kernel held (sockets, container); call after `kill`."""
+
+    @abc.abstractmethod
+    def log_tail(self, max_chars: int = 2000) -> str:
+        """The end of what the kernel process printed outside the protocol (start-up errors)."""
+
+
+class KernelBackend(abc.ABC):
+    """Starts kernels. One instance per service; it owns every kernel it started."""
+
+    name: str = "abstract"
+
+    def __init__(self, config: KernelConfig | None = None) -> None:
+        self.config = config or KernelConfig()
+
+    @abc.abstractmethod
+    async def start(self, workdir: Path, env: dict[str, str] | None = None) -> KernelProcess:
+        """Launch a kernel whose working directory is `workdir` (created by the caller).
+
+        Returns once the process exists; the engine waits for it to answer.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Remove everything this backend started that is still around."""
+
+
+def new_connection_info(runtime_dir: Path) -> dict:
+    """Connection info for an IPC kernel whose sockets live in `runtime_dir`."""
+    return {
+        "transport": "ipc",
+        "ip": str(runtime_dir / "k"),
+        **_PORTS,
+        "key": secrets.token_hex(32),
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": "",
+    }
+
+
+def write_connection_file(path: Path, info: dict) -> None:
+    path.write_text(json.dumps(info))
+    path.chmod(0o600)

@@ -1,0 +1,234 @@
+"""Kernel entry point: runs *inside* the sandbox, before and around ipykernel.
+
+Standalone on purpose (stdlib + ipykernel only): the Docker image copies this one file, so it
+must not import the rest of the engine. Usage:
+
+    python kernel_boot.py -f /path/to/connection.json
+
+Configuration comes from environment variables, removed from the environment once read:
+    KERNELBOX_RLIMITS       JSON {"AS": bytes, "FSIZE": bytes, "NOFILE": n, "NPROC": n}
+    KERNELBOX_UNSHARE_NET   "1": move into a private network namespace (no interfaces)
+    KERNELBOX_OUTPUT_CAP    characters per stream per execution sent before only the tail is kept
+    KERNELBOX_IMAGE_CAP     bytes (decoded) of one image in a display; larger ones are replaced
+    KERNELBOX_UMASK         octal umask for everything the kernel creates (sockets included)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+
+
+def _log(message: str) -> None:
+    print(f"kernelbox-boot: {message}", file=sys.stderr, flush=True)
+
+
+def _pop_env(name: str, default: str = "") -> str:
+    return os.environ.pop(name, default)
+
+
+def apply_rlimits(spec: dict[str, int]) -> None:
+    import resource
+
+    for name, value in spec.items():
+        which = getattr(resource, f"RLIMIT_{name}")
+        _soft, hard = resource.getrlimit(which)
+        new_hard = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (min(value, new_hard), new_hard))
+
+
+def unshare_network() -> bool:
+    """Leave the host's network: afterwards only an unconfigured loopback exists.
+
+    Root can unshare directly; other users first need a user namespace that maps them to
+    themselves. Returns False (and says why) where the OS does not allow either.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) == 0:
+        return True
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
+        try:
+            with open("/proc/self/setgroups", "w") as f:
+                f.write("deny")
+            with open("/proc/self/uid_map", "w") as f:
+                f.write(f"{uid} {uid} 1")
+            with open("/proc/self/gid_map", "w") as f:
+                f.write(f"{gid} {gid} 1")
+        except OSError as exc:
+            _log(f"user namespace made but id maps not written: {exc}")
+        return True
+    _log(f"network namespace not available (errno {ctypes.get_errno()}); network stays reachable")
+    return False
+
+
+class StreamBudget:
+    """Per execution and stream: send the first `cap` characters, then keep only a tail.
+
+    Installed as an ipykernel OutStream hook, so a single `print('x' * 10**8)` or an endless
+    print loop never puts more than about `cap` characters per stream on the wire. The tail and
+    the number of characters dropped are sent when the cell ends (metadata
+    `kernelbox_dropped`), so the host can place the truncation marker exactly.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.tail_cap = max(cap // 2, 1)
+        self.parent_id: str | None = None
+        self.sent: dict[str, int] = {}
+        self.tail: dict[str, str] = {}
+        self.dropped: dict[str, int] = {}
+
+    def reset(self, parent_id: str | None) -> None:
+        self.parent_id = parent_id
+        self.sent, self.tail, self.dropped = {}, {}, {}
+
+    def hook(self, msg: dict) -> dict | None:
+        parent_id = msg.get("parent_header", {}).get("msg_id")
+        if parent_id != self.parent_id:
+            self.reset(parent_id)
+        content = msg["content"]
+        name, text = content["name"], content["text"]
+        sent = self.sent.get(name, 0)
+        room = self.cap - sent
+        if len(text) <= room:
+            self.sent[name] = sent + len(text)
+            return msg
+        head, rest = text[: max(room, 0)], text[max(room, 0) :]
+        self.sent[name] = sent + len(head)
+        tail = self.tail.get(name, "") + rest
+        if len(tail) > self.tail_cap:
+            self.dropped[name] = self.dropped.get(name, 0) + len(tail) - self.tail_cap
+            tail = tail[-self.tail_cap :]
+        self.tail[name] = tail
+        if not head:
+            return None
+        content["text"] = head
+        return msg
+
+    def pending(self) -> list[tuple[str, str, int]]:
+        out = [(n, t, self.dropped.get(n, 0)) for n, t in self.tail.items() if t]
+        self.tail, self.dropped = {}, {}
+        return out
+
+
+def _cap_text(value: str, cap: int) -> str:
+    if len(value) <= cap:
+        return value
+    half = cap // 2
+    return f"{value[:half]}...[{len(value) - 2 * half} characters truncated]...{value[-half:]}"
+
+
+def install_display_caps(shell, text_cap: int, image_cap: int) -> None:
+    """Bound what one display or result can carry before it leaves the kernel."""
+    formatter = shell.display_formatter
+    original = formatter.format
+    image_types = ("image/png", "image/jpeg")
+
+    def format(obj, include=None, exclude=None):
+        data, metadata = original(obj, include=include, exclude=exclude)
+        for mime, value in list(data.items()):
+            if not isinstance(value, str):
+                continue
+            if mime in image_types:
+                if len(value) * 3 // 4 > image_cap:
+                    del data[mime]
+                    data["text/plain"] = (
+                        f"[image of about {len(value) * 3 // 4} bytes dropped: "
+                        f"larger than the {image_cap}-byte limit]"
+                    )
+            else:
+                data[mime] = _cap_text(value, text_cap if mime != "image/svg+xml" else image_cap)
+        return data, metadata
+
+    formatter.format = format
+
+
+def _no_input(*_args, **_kwargs):
+    raise NotImplementedError(
+        "input() is disabled: this code runs with nobody to type an answer. "
+        "Put the data in the code instead."
+    )
+
+
+def preload(shell) -> None:
+    """What every session starts with: the data stack, inline plots, short tracebacks."""
+    shell.run_line_magic("xmode", "Minimal")
+    shell.run_line_magic("matplotlib", "inline")
+    shell.ex(
+        "import json, math, os, re\n"
+        "import numpy as np\n"
+        "import pandas as pd\n"
+        "import matplotlib\n"
+        "import matplotlib.pyplot as plt\n"
+    )
+    _use_cjk_fallback_fonts()
+    shell.user_ns["input"] = _no_input
+    # Hide the preloaded names from %who / %whos, as IPython does for its own.
+    shell.user_ns_hidden.update({k: shell.user_ns[k] for k in ("input",)})
+
+
+def _use_cjk_fallback_fonts() -> None:
+    """Let Chinese/Japanese/Korean labels render where such a font is installed."""
+    from matplotlib import font_manager, rcParams
+
+    wanted = ("Noto Sans CJK SC", "Noto Sans CJK JP", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei")
+    present = {f.name for f in font_manager.fontManager.ttflist}
+    found = [name for name in wanted if name in present]
+    if found:
+        rcParams["font.sans-serif"] = [*rcParams["font.sans-serif"][:1], *found]
+        rcParams["axes.unicode_minus"] = False
+
+
+def main(argv: list[str]) -> None:
+    rlimits = json.loads(_pop_env("KERNELBOX_RLIMITS") or "{}")
+    want_netns = _pop_env("KERNELBOX_UNSHARE_NET") == "1"
+    output_cap = int(_pop_env("KERNELBOX_OUTPUT_CAP") or 200_000)
+    image_cap = int(_pop_env("KERNELBOX_IMAGE_CAP") or 8 * 1024**2)
+    umask = _pop_env("KERNELBOX_UMASK")
+    if umask:
+        os.umask(int(umask, 8))
+    if want_netns:
+        unshare_network()
+    if rlimits:
+        apply_rlimits(rlimits)
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    app = IPKernelApp.instance()
+    # No banner, no "to connect another client" chatter; Ctrl-C interrupts the cell.
+    app.initialize([*argv, "--IPKernelApp.quiet=True"])
+    shell = app.shell
+
+    budget = StreamBudget(output_cap)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "register_hook"):
+            stream.register_hook(budget.hook)
+
+    def flush_tails(*_args) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent = app.kernel.get_parent("shell")
+        for name, text, dropped in budget.pending():
+            app.session.send(
+                app.iopub_socket,
+                "stream",
+                {"name": name, "text": text},
+                parent=parent,
+                metadata={"kernelbox_dropped": dropped},
+            )
+
+    shell.events.register("post_run_cell", flush_tails)
+    install_display_caps(shell, output_cap, image_cap)
+    app.kernel._no_raw_input = _no_input  # input() with allow_stdin=False
+    preload(shell)
+    app.start()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
