@@ -1,0 +1,39 @@
+# Two entry points (see README): `make serve` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+IMAGE  ?= kernelbox-kernel:latest
+
+.PHONY: serve test lint image bench clean
+
+# The venv is rebuilt when pyproject.toml changes. uv makes the install fast; pip is the fallback.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip uv
+	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[server,dev]' || $(PY) -m pip install -q -e '.[server,dev]'
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/kernelbox serve --backend local
+
+# Docker tests run when an engine is reachable (the image is built first; a rebuild with
+# nothing changed takes seconds). KERNELBOX_REQUIRE_DOCKER=1 turns a missing engine into a failure.
+test: $(VENV)/.installed
+	@if $(PY) -c "import docker; docker.from_env().ping()" 2>/dev/null; then \
+		./scripts/build-kernel-image.sh $(IMAGE); \
+	else echo "no Docker engine reachable: Docker tests will skip"; fi
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+image:
+	./scripts/build-kernel-image.sh $(IMAGE)
+
+bench: $(VENV)/.installed
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,101 @@
+"""Shared fixtures: real backends, real kernels, and a check that nothing is left behind.
+
+Docker tests skip only where no engine (or no kernel image) is reachable; with
+KERNELBOX_REQUIRE_DOCKER=1 (set by CI) that skip becomes a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sandbox.backends.base import KernelBackend, KernelConfig
+from sandbox.backends.local import LocalBackend
+
+IMAGE = os.environ.get("KERNELBOX_IMAGE", "kernelbox-kernel:latest")
+REQUIRE_DOCKER = os.environ.get("KERNELBOX_REQUIRE_DOCKER") == "1"
+
+
+def docker_unavailable_reason() -> str | None:
+    """Why Docker tests cannot run here, or None when they can."""
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        return f"no Docker engine reachable ({exc.__class__.__name__}: {exc})"
+    try:
+        client.images.get(IMAGE)
+    except Exception:
+        return f"kernel image {IMAGE} is not built (run `make image`)"
+    return None
+
+
+def require_docker() -> None:
+    reason = docker_unavailable_reason()
+    if reason is None:
+        return
+    if REQUIRE_DOCKER:
+        pytest.fail(f"KERNELBOX_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(reason)
+
+
+def make_backend(name: str, config: KernelConfig | None = None) -> KernelBackend:
+    if name == "local":
+        return LocalBackend(config)
+    if name == "docker":
+        require_docker()
+        from sandbox.backends.docker import DockerBackend
+
+        return DockerBackend(config, image=IMAGE)
+    raise ValueError(name)
+
+
+@pytest.fixture(scope="session", params=["local", "docker"])
+def backend_name(request) -> str:
+    if request.param == "docker":
+        require_docker()
+    return request.param
+
+
+@pytest.fixture(scope="session")
+async def backend(backend_name):
+    b = make_backend(backend_name)
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="kb-test-") as d:
+        path = Path(d) / "work"
+        path.mkdir()
+        os.chmod(d, 0o755)
+        yield path
+
+
+def _our_kernels() -> list[psutil.Process]:
+    me = psutil.Process()
+    found = []
+    for proc in me.children(recursive=True):
+        try:
+            if any("kernel_boot.py" in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_kernel_left_behind():
+    """Fails the run if a kernel process outlives the tests (and kills it anyway)."""
+    yield
+    leftovers = _our_kernels()
+    for proc in leftovers:
+        proc.kill()
+    assert not leftovers, f"kernel processes left behind: {[p.pid for p in leftovers]}"
