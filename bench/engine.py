@@ -47,9 +47,12 @@ async def main(rounds: int, cold_starts: int) -> None:
     print("### Engine (local backend)\n")
     print(row("measure", "p50 ms", "p99 ms", "n"))
     print(row("---", "---", "---", "---"))
-    print(row("cold kernel start (to ready, preload done)", f"{c['p50']:.0f}", f"{c['p99']:.0f}", len(cold)))
-    print(row("`x = 1` via engine (KernelSession.execute)", f"{e['p50']:.2f}", f"{e['p99']:.2f}", len(engine_t)))
-    print(row("`x = 1` raw jupyter_client round trip", f"{r['p50']:.2f}", f"{r['p99']:.2f}", len(raw_t)))
+    for name, st, n, fmt in (
+        ("cold kernel start (to ready, preload done)", c, len(cold), ".0f"),
+        ("`x = 1` via engine (KernelSession.execute)", e, len(engine_t), ".2f"),
+        ("`x = 1` raw jupyter_client round trip", r, len(raw_t), ".2f"),
+    ):
+        print(row(name, format(st["p50"], fmt), format(st["p99"], fmt), n))
     print(f"\nengine / raw (p50): **{e['p50'] / r['p50']:.2f}x**\n")
 
 

@@ -149,7 +149,9 @@ async def test_image_is_not_written_through_a_planted_symlink(shared, tmp_path):
 
 async def test_carriage_returns_and_clear_output(shared):
     progress = await shared.execute(
-        "import sys\nfor i in range(5):\n    sys.stdout.write(f'\\r{i * 25}%')\nprint()\nprint('done')"
+        "import sys\n"
+        "for i in range(5):\n    sys.stdout.write(f'\\r{i * 25}%')\n"
+        "print()\nprint('done')"
     )
     assert progress.stdout == "100%\ndone\n"
     cleared = await shared.execute(
@@ -301,7 +303,8 @@ async def test_local_backend_limits_and_network(tmp_path_factory):
     try:
         result = await session.execute(
             "import resource\n"
-            "print(resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_FSIZE)[0])\n"
+            "print(resource.getrlimit(resource.RLIMIT_AS)[0],\n"
+            "      resource.getrlimit(resource.RLIMIT_FSIZE)[0])\n"
             "import socket\n"
             "try:\n"
             "    socket.create_connection(('1.1.1.1', 53), timeout=2); print('connected')\n"
