@@ -1,0 +1,580 @@
+"""The Docker backend: one container per kernel, the production sandbox.
+
+Each kernel runs in its own container of the kernel image (Dockerfile.kernel):
+
+- no network at all (`network_mode="none"`); the engine reaches the kernel over ZMQ IPC,
+  through unix sockets in a per-kernel runtime directory that is bind-mounted into that one
+  container (at /run/kernelbox). The host keeps the host-side socket paths in
+  `connection_info`; the connection file the kernel reads names the container-side paths
+  (same ports, other `ip` prefix);
+- the session working directory bind-mounted read-write at /home/sandbox/work (also its cwd
+  and HOME); a read-only root; a size-limited tmpfs at /tmp;
+- memory (no swap), CPU, pids, open-file and file-size limits; no capabilities,
+  no-new-privileges, a non-root user; an environment built from nothing;
+- tini as PID 1 (the image's entrypoint, run with `-g`), so a signal sent to the container
+  reaches the kernel's whole process group: SIGINT interrupts the cell as Ctrl-C would;
+- labels naming the service instance, the kernel and the owning process, so containers left
+  by a service that died (SIGKILL, a crash, a reboot) are recognised and removed by the next
+  backend that starts (see `DockerBackend.reap_orphans`).
+
+Blocking docker-py calls run in the backend's own thread pool (never the event loop's default
+one, which a slow Docker daemon would otherwise starve). Deaths are learnt from one Docker
+event stream per backend rather than one blocking `wait` per container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import docker
+import psutil
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import LogConfig, Mount, Ulimit
+
+from .base import (
+    ExitInfo,
+    KernelBackend,
+    KernelConfig,
+    KernelProcess,
+    new_connection_info,
+    write_connection_file,
+)
+from .local import describe_exit, kernel_env
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE = "kernelbox-kernel:latest"
+
+# Paths inside the container (see Dockerfile.kernel).
+CONTAINER_WORKDIR = "/home/sandbox/work"
+CONTAINER_RUNTIME = "/run/kernelbox"
+CONTAINER_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
+#: the image's non-root user
+SANDBOX_UID_GID = (1000, 1000)
+
+# Labels. Every container of ours carries INSTANCE; the others say who owns it.
+LABEL_INSTANCE = "kernelbox.instance"  # uuid of the DockerBackend that made it
+LABEL_KERNEL = "kernelbox.kernel"  # id of the kernel (also in the container name)
+LABEL_PID = "kernelbox.pid"  # pid of the service process ...
+LABEL_PID_START = "kernelbox.pid_start"  # ... and its start time (pids get reused)
+LABEL_PIDNS = "kernelbox.pidns"  # the pid namespace those pids mean something in
+LABEL_BOOT = "kernelbox.boot_id"  # the host boot the owner ran in
+LABEL_LOCK = "kernelbox.lock"  # host path of the owner's lock file (held while alive)
+LABEL_CREATED = "kernelbox.created"  # unix time
+
+# A unix socket path has room for 107 bytes; the longest of ours is "<runtime>/k-5".
+_SOCKET_PATH_MAX = 107
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _boot_id() -> str:
+    return _read("/proc/sys/kernel/random/boot_id")
+
+
+def _pid_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return ""
+
+
+def our_containers_filter(instance: str | None = None, pid: int | None = None) -> dict:
+    """Docker `filters` for containers of ours: all of them, one backend's, or one process's.
+
+    With `pid`, only containers made in this host boot and pid namespace by that process.
+    """
+    labels = [f"{LABEL_INSTANCE}={instance}" if instance else LABEL_INSTANCE]
+    if pid is not None:
+        labels += [f"{LABEL_PID}={pid}", f"{LABEL_BOOT}={_boot_id()}", f"{LABEL_PIDNS}={_pid_ns()}"]
+    return {"label": labels}
+
+
+def exit_info(code: int | None, oom: bool = False) -> ExitInfo:
+    """How a container ended. tini exits with 128+N when the kernel was killed by signal N."""
+    if oom:
+        return ExitInfo(code, "out of memory", oom=True)
+    if code is not None and 128 < code < 128 + 65:
+        return describe_exit(128 - code)
+    return describe_exit(code)
+
+
+class DockerKernel(KernelProcess):
+    """One kernel container. Created by `DockerBackend.start`."""
+
+    def __init__(
+        self,
+        backend: DockerBackend,
+        container: Any,
+        kernel_id: str,
+        workdir: Path,
+        runtime_dir: Path,
+        info: dict,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._backend = backend
+        self.container = container
+        self.container_id: str = container.id
+        self.name: str = container.name
+        self.kernel_id = kernel_id
+        self.workdir = workdir
+        self.runtime_dir = runtime_dir
+        self.connection_info = info
+        self._loop = loop
+        self._death: asyncio.Future[ExitInfo] = loop.create_future()
+        self._last_log = ""
+        self._removed = False
+
+    # Called from the backend's event thread (any thread): resolve in the kernel's loop.
+    def _died(self, info: ExitInfo, log_text: str) -> None:
+        def resolve() -> None:
+            if not self._death.done():
+                self._last_log = log_text or self._last_log
+                self._death.set_result(info)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(resolve)
+
+    async def poll(self) -> ExitInfo | None:
+        if self._death.done():
+            return self._death.result()
+        # The event stream is authoritative; asking the daemon covers a stream that broke.
+        try:
+            state = (await self._backend._call(self._inspect))["State"]
+        except NotFound:
+            return ExitInfo(None, "the container was removed")
+        if state.get("Running") or state.get("Status") == "created":
+            return None
+        return exit_info(state.get("ExitCode"), bool(state.get("OOMKilled")))
+
+    def _inspect(self) -> dict:
+        return self._backend.client.api.inspect_container(self.container_id)
+
+    async def wait(self) -> ExitInfo:
+        # shield: the engine cancels its waiting task on shutdown; others may still wait.
+        return await asyncio.shield(self._death)
+
+    async def send_signal(self, signum: int) -> None:
+        if self._death.done() or self._removed:
+            return
+        # To PID 1 (tini -g), which forwards it to the kernel's process group.
+        try:
+            await self._backend._call(self.container.kill, signal=int(signum))
+        except (NotFound, APIError) as exc:  # 409: not running any more
+            log.debug("signal %s to %s not delivered: %s", signum, self.name, exc)
+
+    async def kill(self) -> None:
+        if not self._removed:
+            self._removed = True
+            await self._backend._call(self._backend._remove, self.container_id)
+        if not self._death.done():
+            # Do not wait for the die event: the container is gone, and so is the kernel.
+            self._death.set_result(exit_info(137))
+
+    def _logs(self, max_chars: int) -> str:
+        try:
+            raw = self.container.logs(stdout=True, stderr=True, tail=200)
+        except DockerException:
+            return ""
+        return raw.decode(errors="replace")[-max_chars:]
+
+    async def cleanup(self) -> None:
+        self._backend._forget(self)
+        await self._backend._call(shutil.rmtree, self.runtime_dir, True)
+
+    def log_tail(self, max_chars: int = 2000) -> str:
+        # Sync by contract (used on error paths); after removal the last copy is kept.
+        if self._removed:
+            return self._last_log[-max_chars:]
+        return self._logs(max_chars) or self._last_log[-max_chars:]
+
+
+class DockerBackend(KernelBackend):
+    """Kernels in containers of `image`. One instance per service process.
+
+    Construction talks to the daemon (synchronously, once): it checks the image, removes
+    containers orphaned by a service that is gone (`reap_orphans`), and starts the event
+    stream that reports deaths. `close()` removes every container this backend made.
+
+    Users and files. The kernel must read what the service writes into the working directory
+    (uploads, nothing else) and the service must read and delete what the kernel writes there
+    and in the runtime directory (sockets). So:
+      - service not root: the container runs as the service's own uid:gid; both sides own
+        everything they create, no chown is needed. The uid need not exist in the image.
+      - service root: the container runs as the image's `sandbox` user (1000:1000) and the
+        workdir tree and runtime directory are chowned to it at each start; root reads and
+        deletes anything. Files the service writes later stay root's (readable 0644, and
+        deletable by the kernel since the directory is its own).
+    `user=(uid, gid)` overrides the choice.
+    """
+
+    name = "docker"
+
+    def __init__(
+        self,
+        config: KernelConfig | None = None,
+        *,
+        image: str = DEFAULT_IMAGE,
+        client: docker.DockerClient | None = None,
+        runtime_root: Path | None = None,
+        user: tuple[int, int] | None = None,
+        tmp_bytes: int = 256 * 1024**2,
+        log_bytes: int = 1024**2,
+        max_workers: int = 16,
+        reap: bool = True,
+    ) -> None:
+        super().__init__(config)
+        self.image = image
+        self.instance = uuid.uuid4().hex
+        self.tmp_bytes = tmp_bytes
+        self.log_bytes = log_bytes
+        if user is None:
+            user = SANDBOX_UID_GID if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        self.user = user
+        self._chown = user != (os.geteuid(), os.getegid())
+        self.client = client or docker.from_env(max_pool_size=max_workers + 2)
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="kernelbox-docker")
+        self._kernels: dict[str, DockerKernel] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+        try:
+            self.client.images.get(image)
+        except ImageNotFound:
+            raise RuntimeError(
+                f"Docker image {image!r} not found: build it with "
+                f"`scripts/build-kernel-image.sh {image}` (or `make image`)"
+            ) from None
+
+        # Socket paths must stay short, hence a fresh directory under /tmp by default.
+        self.runtime_root = runtime_root or Path(tempfile.mkdtemp(prefix="kernelbox-docker-"))
+        self.runtime_root.mkdir(parents=True, exist_ok=True)
+        if len(str(self.runtime_root)) + len("/k-xxxxxxxx/k-5") > _SOCKET_PATH_MAX:
+            raise ValueError(f"runtime_root {self.runtime_root} is too long for unix sockets")
+        # Held for the life of this backend: while it is held, our containers are not orphans.
+        # flock is released by the kernel when the process dies, however it dies.
+        self._lock_path = self.runtime_root / "owner.lock"
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._owner_labels = {
+            LABEL_INSTANCE: self.instance,
+            LABEL_PID: str(os.getpid()),
+            LABEL_PID_START: _process_start(os.getpid()),
+            LABEL_PIDNS: _pid_ns(),
+            LABEL_BOOT: _boot_id(),
+            LABEL_LOCK: str(self._lock_path),
+        }
+
+        if reap:
+            self.reap_orphans()
+        # Replay from a little before now, so a reconnect of the stream misses nothing.
+        self._events_since = int(time.time()) - 1
+        self._events: Any = None
+        self._watcher = threading.Thread(
+            target=self._watch_deaths, name="kernelbox-docker-events", daemon=True
+        )
+        self._watcher.start()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _call(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    def _remove(self, container_id: str) -> None:
+        try:
+            self.client.api.remove_container(container_id, force=True, v=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code != 409:  # 409: removal already in progress
+                raise
+
+    def _forget(self, kernel: DockerKernel) -> None:
+        with self._lock:
+            self._kernels.pop(kernel.container_id, None)
+
+    def containers(self) -> list:
+        """This backend's containers (running or not)."""
+        return self.client.containers.list(
+            all=True, filters=our_containers_filter(self.instance), ignore_removed=True
+        )
+
+    # -- start -------------------------------------------------------------------------------
+
+    async def start(self, workdir: Path, env: dict[str, str] | None = None) -> DockerKernel:
+        if self._closed:
+            raise RuntimeError("the Docker backend is closed")
+        workdir = Path(workdir).resolve()
+        kernel_id = uuid.uuid4().hex[:12]
+        runtime_dir = Path(tempfile.mkdtemp(prefix="k-", dir=self.runtime_root))
+        try:
+            info = new_connection_info(runtime_dir)
+            inside = {**info, "ip": f"{CONTAINER_RUNTIME}/k"}
+            write_connection_file(runtime_dir / "connection.json", inside)
+            if self._chown:
+                await self._call(self._give_to_kernel, workdir, runtime_dir)
+            kwargs = self._container_args(kernel_id, workdir, runtime_dir, env or {})
+            loop = asyncio.get_running_loop()
+            container = await self._call(self.client.containers.create, **kwargs)
+        except BaseException:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise
+        kernel = DockerKernel(self, container, kernel_id, workdir, runtime_dir, info, loop)
+        # Registered before it starts, so its die event cannot arrive unclaimed.
+        with self._lock:
+            self._kernels[kernel.container_id] = kernel
+        try:
+            await self._call(container.start)
+        except BaseException:
+            await kernel.kill()
+            await kernel.cleanup()
+            raise
+        return kernel
+
+    def _give_to_kernel(self, workdir: Path, runtime_dir: Path) -> None:
+        uid, gid = self.user
+        os.chown(runtime_dir, uid, gid)
+        os.chown(runtime_dir / "connection.json", uid, gid)
+        # lchown and no following of symlinks: the kernel may have planted links to host files.
+        for root, dirs, files in os.walk(workdir):
+            for name in [*dirs, *files]:
+                path = os.path.join(root, name)
+                with contextlib.suppress(OSError):
+                    st = os.lstat(path)
+                    if (st.st_uid, st.st_gid) != (uid, gid):
+                        os.lchown(path, uid, gid)
+        os.chown(workdir, uid, gid)
+
+    def _container_args(
+        self, kernel_id: str, workdir: Path, runtime_dir: Path, extra: dict[str, str]
+    ) -> dict:
+        cfg = self.config
+        lim = cfg.limits
+        env = kernel_env(cfg, Path(CONTAINER_WORKDIR), Path(CONTAINER_RUNTIME), extra)
+        # kernel_env derives these from the host; use the container's (unless asked otherwise).
+        for key, value in {
+            "PATH": CONTAINER_PATH,
+            "TMPDIR": "/tmp",  # the size-limited tmpfs, not the host disk
+            "IPYTHONDIR": "/tmp/ipython",
+            "MPLCONFIGDIR": "/tmp/matplotlib",  # the entrypoint copies the prebuilt cache here
+        }.items():
+            if key not in cfg.env and key not in extra:
+                env[key] = value
+        env["KERNELBOX_OUTPUT_CAP"] = str(cfg.output_cap_chars)
+        env["KERNELBOX_IMAGE_CAP"] = str(cfg.image_cap_bytes)
+
+        ulimits = [Ulimit(name="core", soft=0, hard=0)]
+        if lim.open_files is not None:
+            ulimits.append(Ulimit(name="nofile", soft=lim.open_files, hard=lim.open_files))
+        if lim.file_size_bytes is not None:
+            size = int(lim.file_size_bytes)
+            ulimits.append(Ulimit(name="fsize", soft=size, hard=size))
+        limits: dict[str, Any] = {}
+        if lim.memory_bytes is not None:
+            # memswap = memory: no swap, so a memory bomb ends in the OOM killer, not thrashing.
+            limits["mem_limit"] = limits["memswap_limit"] = int(lim.memory_bytes)
+        if lim.cpus is not None:
+            limits["nano_cpus"] = int(lim.cpus * 1e9)
+        if lim.pids is not None:
+            limits["pids_limit"] = int(lim.pids)
+        uid, gid = self.user
+        return {
+            "image": self.image,
+            "command": ["-f", f"{CONTAINER_RUNTIME}/connection.json"],
+            "name": f"kernelbox-{self.instance[:8]}-{kernel_id}",
+            "hostname": "sandbox",
+            "labels": {
+                **self._owner_labels,
+                LABEL_KERNEL: kernel_id,
+                LABEL_CREATED: str(int(time.time())),
+            },
+            "environment": env,
+            "user": f"{uid}:{gid}",
+            "working_dir": CONTAINER_WORKDIR,
+            "network_mode": "none",
+            "read_only": True,
+            "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={int(self.tmp_bytes)},mode=1777"},
+            "mounts": [
+                Mount(CONTAINER_WORKDIR, str(workdir), type="bind"),
+                Mount(CONTAINER_RUNTIME, str(runtime_dir), type="bind"),
+            ],
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "ipc_mode": "private",
+            "ulimits": ulimits,
+            # What the kernel's processes print outside the protocol (os.system("yes")) must
+            # not fill the host's disk.
+            "log_config": LogConfig(
+                type="json-file", config={"max-size": str(self.log_bytes), "max-file": "1"}
+            ),
+            **limits,
+        }
+
+    # -- deaths ------------------------------------------------------------------------------
+
+    def _watch_deaths(self) -> None:
+        filters = {
+            "type": "container",
+            "event": ["die"],
+            "label": [f"{LABEL_INSTANCE}={self.instance}"],
+        }
+        while not self._closed:
+            try:
+                self._events = self.client.events(
+                    decode=True, since=self._events_since, filters=filters
+                )
+                if self._closed:
+                    break
+                for event in self._events:
+                    # Replays after a reconnect start here; a repeated event is harmless.
+                    self._events_since = max(self._events_since, int(event.get("time", 0)) - 1)
+                    attrs = event.get("Actor", {}).get("Attributes", {})
+                    self._on_die(event.get("id", ""), attrs.get("exitCode"))
+            except Exception as exc:
+                if self._closed:
+                    break
+                log.warning("Docker event stream broke (%s); reconnecting", exc)
+                time.sleep(1.0)
+
+    def _on_die(self, container_id: str, code: str | None) -> None:
+        with self._lock:
+            kernel = self._kernels.get(container_id)
+        if kernel is None:
+            return
+        exit_code = int(code) if code not in (None, "") else None
+        oom = False
+        try:
+            state = self.client.api.inspect_container(container_id)["State"]
+            oom = bool(state.get("OOMKilled"))
+            exit_code = state.get("ExitCode", exit_code)
+        except DockerException:
+            pass  # removed already (kill): the event's exit code is what we have
+        kernel._died(exit_info(exit_code, oom), kernel._logs(4000))
+
+    # -- orphans -----------------------------------------------------------------------------
+
+    def reap_orphans(self) -> list[str]:
+        """Remove containers whose owning service is gone; returns their names.
+
+        The owner of a container is a backend in some process. It is gone when:
+          - the host has rebooted since (boot id differs): nothing of it can be running; or
+          - its lock file can be locked: the owner held an exclusive flock on it for its whole
+            life, and the OS drops it when the process ends, SIGKILL included (and unlike a
+            pid, a lock cannot be mistaken for a newer process that reused the number); or
+          - its lock file is gone (its runtime directory was deleted, so its kernels cannot be
+            reached either) and, in our pid namespace, the recorded pid is dead or now belongs
+            to a process with another start time.
+        Otherwise (another pid namespace without a visible lock) it is left alone: never kill
+        the kernels of a service that may be alive.
+        """
+        try:
+            found = self.client.containers.list(
+                all=True, filters=our_containers_filter(), ignore_removed=True
+            )
+        except DockerException as exc:
+            log.warning("could not list containers to remove orphans: %s", exc)
+            return []
+        verdicts: dict[str, bool] = {}
+        held: dict[str, int] = {}  # lock path -> fd we locked: its owner is gone
+        removed = []
+        try:
+            for container in found:
+                labels = container.labels
+                instance = labels.get(LABEL_INSTANCE, "")
+                if instance == self.instance:
+                    continue
+                if instance not in verdicts:
+                    verdicts[instance] = self._owner_gone(labels, held)
+                if verdicts[instance]:
+                    log.info("removing orphaned kernel container %s", container.name)
+                    with contextlib.suppress(DockerException):
+                        self._remove(container.id)
+                        removed.append(container.name)
+                    for mount in container.attrs.get("Mounts", []):
+                        if mount.get("Destination") == CONTAINER_RUNTIME:
+                            shutil.rmtree(mount.get("Source", ""), ignore_errors=True)
+        finally:
+            for lock_path, fd in held.items():
+                # The dead owner's own runtime root (if it is the default kind) goes too.
+                root = Path(lock_path).parent
+                if root.name.startswith("kernelbox-docker-"):
+                    shutil.rmtree(root, ignore_errors=True)
+                os.close(fd)
+        return removed
+
+    def _owner_gone(self, labels: dict[str, str], held: dict[str, int]) -> bool:
+        if labels.get(LABEL_BOOT) and _boot_id() and labels[LABEL_BOOT] != _boot_id():
+            return True
+        lock_path = labels.get(LABEL_LOCK, "")
+        if lock_path:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    os.close(fd)
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        return False  # the owner holds it: alive
+                    raise
+                held[lock_path] = fd  # kept until its containers are removed
+                return True
+        if labels.get(LABEL_PIDNS) == _pid_ns() and labels.get(LABEL_PID, "").isdigit():
+            pid = int(labels[LABEL_PID])
+            return _process_start(pid) != labels.get(LABEL_PID_START)
+        return False
+
+    # -- close -------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            kernels = list(self._kernels.values())
+
+        async def stop(kernel: DockerKernel) -> None:
+            with contextlib.suppress(Exception):
+                await kernel.kill()
+                await kernel.cleanup()
+
+        await asyncio.gather(*(stop(k) for k in kernels))
+        self._closed = True
+        # Anything of ours the registry missed (a start interrupted mid-way).
+        for container in await self._call(self.containers):
+            with contextlib.suppress(DockerException):
+                await self._call(self._remove, container.id)
+        if self._events is not None:
+            with contextlib.suppress(Exception):
+                self._events.close()
+        self._executor.shutdown(wait=False)
+        shutil.rmtree(self.runtime_root, ignore_errors=True)
+        os.close(self._lock_fd)
