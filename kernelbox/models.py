@@ -91,3 +91,84 @@ class Session(_Model):
     expires_at: datetime | None
     execution_count: int
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- requests and responses of the HTTP API ---------------------------------------------------
+
+# `format`: a style ("qwen", "plain"), an envelope name (body in the qwen style), or the whole
+# RenderOptions object.
+Format = RenderOptions | Style | Envelope
+
+
+def render_options(fmt: Format | None, default_envelope: Envelope = "text") -> RenderOptions:
+    """Resolve a `format` field. An envelope named alone gets its natural style: the
+    ```output block of TIR/RL prompts holds raw output (`plain`); the others `qwen`."""
+    if isinstance(fmt, RenderOptions):
+        return fmt
+    if fmt in ("qwen", "plain"):
+        return RenderOptions(style=fmt, envelope=default_envelope)  # type: ignore[arg-type]
+    envelope = fmt or default_envelope
+    style = "plain" if envelope == "output_block" else "qwen"
+    return RenderOptions(style=style, envelope=envelope)  # type: ignore[arg-type]
+
+
+class CreateSessionRequest(_Model):
+    model_config = ConfigDict(extra="forbid")
+
+    idle_timeout: float | None = Field(
+        default=None, gt=0, description="Seconds without use before the session is reaped."
+    )
+    env: dict[str, str] | None = Field(default=None, examples=[{"MY_SETTING": "1"}])
+    metadata: dict[str, Any] | None = Field(default=None, examples=[{"user": "alice"}])
+
+
+class ExecuteRequest(_Model):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(examples=["x = 21 * 2\nprint(x)"])
+    timeout: float | None = Field(default=None, gt=0, description="Deadline in seconds.")
+    format: Format | None = Field(
+        default=None,
+        description="Also render the result for a model into `text`: a style "
+        "(`qwen`, `plain`), an envelope (`tool_response`, `output_block`, `react`, `qwen_fn`, "
+        "...), or a RenderOptions object.",
+        examples=["qwen"],
+    )
+    stream: bool = Field(default=False, description="Answer as server-sent events.")
+
+
+class ToolCallRequest(_Model):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str | None = Field(
+        default=None, description="Omit to get a new session; its id comes back."
+    )
+    arguments: str | dict[str, Any] = Field(
+        description="The model's tool-call arguments: the JSON string or the parsed object.",
+        examples=['{"code": "x = 1"}'],
+    )
+    tool_call_id: str | None = Field(default=None, examples=["call_abc123"])
+    format: Format | None = Field(default=None, examples=["openai"])
+    timeout: float | None = Field(default=None, gt=0)
+
+
+class ToolCallResponse(_Model):
+    session_id: str
+    message: dict[str, Any] | str
+    execution: Execution | None = None
+
+
+class FileEntry(_Model):
+    path: str
+    size: int
+    modified: datetime
+
+
+class ErrorDetail(_Model):
+    code: str
+    message: str
+    fields: list[dict[str, Any]] | None = None
+
+
+class ErrorBody(_Model):
+    error: ErrorDetail

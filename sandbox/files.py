@@ -9,6 +9,7 @@ symlink (even one swapped in mid-walk) can take the host outside the directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -36,6 +37,15 @@ def split_relative(path: str) -> list[str]:
     return parts
 
 
+def _refusal(exc: OSError, part: str) -> Exception:
+    """ELOOP/ENOTDIR: a symlink or a file where the walk needs a directory: refused."""
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return UnsafePath(f"{part!r} is a symlink or not a directory")
+    if exc.errno == errno.ENOENT:
+        return FileNotFoundError(part)
+    return exc
+
+
 @contextlib.contextmanager
 def _dir_fd(root: Path, parts: list[str], create: bool) -> Iterator[int]:
     fd = os.open(root, _DIR_FLAGS)
@@ -47,8 +57,7 @@ def _dir_fd(root: Path, parts: list[str], create: bool) -> Iterator[int]:
             try:
                 nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
-                # ELOOP / ENOTDIR: a symlink or a file where a directory should be.
-                raise FileNotFoundError(f"{part!r} is not a directory") from exc
+                raise _refusal(exc, part) from exc
             os.close(fd)
             fd = nxt
         yield fd
@@ -62,7 +71,12 @@ def write_file(root: Path, path: str, data: bytes, *, exclusive: bool = False) -
     if exclusive:
         flags |= os.O_EXCL
     with _dir_fd(root, parts[:-1], create=True) as dfd:
-        fd = os.open(parts[-1], flags, 0o644, dir_fd=dfd)
+        try:
+            fd = os.open(parts[-1], flags, 0o644, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise
+            raise _refusal(exc, parts[-1]) from exc
         with os.fdopen(fd, "wb") as f:
             f.write(data)
 
@@ -73,7 +87,7 @@ def read_file(root: Path, path: str, max_bytes: int | None = None) -> bytes:
         try:
             fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except OSError as exc:
-            raise FileNotFoundError(path) from exc
+            raise _refusal(exc, parts[-1]) from exc
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise FileNotFoundError(f"{path!r} is not a regular file")

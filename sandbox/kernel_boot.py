@@ -167,6 +167,8 @@ def preload(shell) -> None:
         "import matplotlib\n"
         "import matplotlib.pyplot as plt\n"
     )
+    # numpy 2 prints scalars as `np.int64(2)`; models read (and were trained on) `2`.
+    shell.ex("np.set_printoptions(legacy='1.25') if np.__version__ >= '2' else None")
     _use_cjk_fallback_fonts()
     shell.user_ns["input"] = _no_input
     # Hide the preloaded names from %who / %whos, as IPython does for its own.

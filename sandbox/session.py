@@ -269,6 +269,21 @@ class KernelSession:
                 if msg["parent_header"].get("msg_id") == msg_id:
                     await self._take(msg, capture, on_event)
 
+    async def run_hidden(self, code: str, timeout: float = 10.0) -> None:
+        """Run set-up code silently (no history, no execution count, no output kept)."""
+        async with self._lock:
+            await self._ensure_kernel()
+            client = self.kernel.client
+            msg_id = client.execute(code, silent=True, store_history=False, allow_stdin=False)
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                reply = await client.shell_channel.get_msg(timeout=max(remaining, 0.001))
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    if reply["content"]["status"] != "ok":
+                        raise RuntimeError(f"set-up code failed: {reply['content'].get('evalue')}")
+                    return
+
     # -- control ---------------------------------------------------------------------------
 
     async def interrupt(self) -> bool:

@@ -1,0 +1,54 @@
+"""The `kernelbox` command: `serve` (needs the server extra), `exec`, `agent`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from service.main import serve
+        from service.settings import Settings
+    except ImportError as exc:
+        print(
+            f"kernelbox serve needs the server extra: pip install 'kernelbox[server]' ({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "backend": args.backend,
+            "api_key": args.api_key,
+        }.items()
+        if v is not None
+    }
+    serve(Settings(**overrides))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kernelbox", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="run the service (every flag also from KERNELBOX_* environment variables)"
+    )
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--backend", choices=["local", "docker"], help="where kernels run")
+    serve.add_argument("--api-key", help="require this key (comma-separate several)")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The warm pool: kernels started ahead of demand, so a session is ready in milliseconds.
+
+A warm kernel is past start-up and the preload imports, waiting in a working directory of its
+own that becomes the session's when it is taken. Taking one starts a replacement in the
+background; when none is warm, `acquire` starts one cold (bounded by the start timeout). A
+backend that cannot start kernels is reported (`last_error`, `/readyz`), retried with backoff,
+and never makes a caller hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends.base import KernelBackend
+from .errors import KernelStartError
+from .kernel import Kernel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WarmKernel:
+    kernel: Kernel
+    workdir: Path
+    id: str
+
+
+class KernelPool:
+    def __init__(
+        self,
+        backend: KernelBackend,
+        root: Path,
+        *,
+        min_idle: int = 2,
+        max_concurrent_starts: int = 2,
+    ) -> None:
+        self.backend = backend
+        self.root = root
+        self.min_idle = min_idle
+        self._idle: list[WarmKernel] = []
+        self._starting = 0
+        self._start_slots = asyncio.Semaphore(max_concurrent_starts)
+        self._wakeup = asyncio.Event()
+        self._refiller: asyncio.Task[None] | None = None
+        self._closed = False
+        self.last_error: str | None = None
+        self.started_total = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._refiller = asyncio.get_running_loop().create_task(self._refill_forever())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refiller is not None:
+            self._refiller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refiller
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._discard(w) for w in idle), return_exceptions=True)
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def ready(self) -> bool:
+        """Can a caller get a kernel now or soon? (`/readyz`)"""
+        return self.idle > 0 or (self.last_error is None and not self._closed)
+
+    # -- taking kernels -------------------------------------------------------------------
+
+    async def acquire(self) -> WarmKernel:
+        """A warm kernel if one is waiting, else one started now (cold)."""
+        while self._idle:
+            warm = self._idle.pop(0)
+            self._wakeup.set()
+            if warm.kernel.alive:
+                return warm
+            await self._discard(warm)
+        self._wakeup.set()
+        return await self._start_one()
+
+    async def discard(self, warm: WarmKernel) -> None:
+        await self._discard(warm)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def new_workdir(self) -> tuple[str, Path]:
+        kid = uuid.uuid4().hex
+        workdir = self.root / kid / "work"
+        workdir.mkdir(parents=True)
+        return kid, workdir
+
+    async def _start_one(self) -> WarmKernel:
+        kid, workdir = self.new_workdir()
+        self._starting += 1
+        try:
+            async with self._start_slots:
+                kernel = await Kernel.start(self.backend, workdir)
+        except BaseException as exc:
+            shutil.rmtree(workdir.parent, ignore_errors=True)
+            if isinstance(exc, KernelStartError):
+                self.last_error = str(exc)
+            raise
+        finally:
+            self._starting -= 1
+        self.last_error = None
+        self.started_total += 1
+        return WarmKernel(kernel, workdir, kid)
+
+    async def _discard(self, warm: WarmKernel) -> None:
+        try:
+            await warm.kernel.shutdown()
+        finally:
+            shutil.rmtree(warm.workdir.parent, ignore_errors=True)
+
+    async def _refill_forever(self) -> None:
+        backoff = 0.5
+        while not self._closed:
+            # Dead warm kernels are replaced too.
+            for warm in [w for w in self._idle if not w.kernel.alive]:
+                self._idle.remove(warm)
+                await self._discard(warm)
+            missing = self.min_idle - len(self._idle) - self._starting
+            if missing <= 0:
+                self._wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=5)
+                continue
+            results = await asyncio.gather(
+                *(self._start_one() for _ in range(missing)), return_exceptions=True
+            )
+            failed = False
+            for result in results:
+                if isinstance(result, WarmKernel):
+                    if self._closed:
+                        await self._discard(result)
+                    else:
+                        self._idle.append(result)
+                else:
+                    failed = True
+                    log.error("warm pool could not start a kernel: %s", result)
+            if failed:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30)
+            else:
+                backoff = 0.5

@@ -1,0 +1,111 @@
+"""The FastAPI app, built by a factory from Settings; the engine lives in its lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from sandbox.backends.base import KernelBackend, KernelConfig, Limits
+from sandbox.capture import CaptureLimits
+from sandbox.manager import ManagerOptions, SessionManager
+from sandbox.pool import KernelPool
+from sandbox.session import SessionOptions
+
+from . import errors
+from .body_limit import BodyLimitMiddleware, limit_by_route
+from .metrics import Metrics
+from .routes import execute, files, health, sessions, tools
+from .settings import Settings
+
+log = logging.getLogger("kernelbox")
+
+VERSION = "0.1.0"
+
+
+def kernel_config(settings: Settings) -> KernelConfig:
+    return KernelConfig(
+        limits=Limits(
+            memory_bytes=settings.memory_mb * 1024**2,
+            cpus=settings.cpus,
+            pids=settings.pids,
+            file_size_bytes=settings.max_file_bytes * 10,
+        ),
+        output_cap_chars=settings.max_output_chars,
+    )
+
+
+def build_backend(settings: Settings) -> KernelBackend:
+    config = kernel_config(settings)
+    if settings.backend == "docker":
+        from sandbox.backends.docker import DockerBackend
+
+        return DockerBackend(config, image=settings.image)
+    from sandbox.backends.local import LocalBackend
+
+    return LocalBackend(config, python=settings.kernel_python or sys.executable)
+
+
+def manager_options(settings: Settings) -> ManagerOptions:
+    return ManagerOptions(
+        max_sessions=settings.max_sessions,
+        default_idle_timeout=settings.idle_timeout,
+        max_idle_timeout=settings.max_idle_timeout,
+        acquire_wait=settings.pool_wait,
+        session=SessionOptions(
+            default_timeout=settings.default_timeout,
+            max_timeout=settings.max_timeout,
+            interrupt_grace=settings.interrupt_grace,
+            capture=CaptureLimits(max_chars=settings.max_output_chars),
+        ),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Each service instance keeps its sessions' files in a directory of its own.
+        root = settings.data_dir / f"instance-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        backend = build_backend(settings)
+        pool = KernelPool(backend, root, min_idle=settings.min_idle)
+        manager = SessionManager(pool, manager_options(settings))
+        app.state.manager = manager
+        manager.start()
+        log.info(
+            "kernelbox ready: %s backend, %d warm kernels wanted", backend.name, settings.min_idle
+        )
+        try:
+            yield
+        finally:
+            # Graceful shutdown: every kernel stops, nothing is left behind.
+            await manager.close()
+            await backend.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+    app = FastAPI(
+        title="kernelbox",
+        version=VERSION,
+        summary="Sandboxed, stateful Python code interpreter for LLM agents.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit_for=limit_by_route(settings.max_body_bytes, settings.max_file_bytes),
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(sessions.router)
+    app.include_router(files.router)
+    app.include_router(execute.router)
+    app.include_router(tools.router)
+    return app

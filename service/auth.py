@@ -1,0 +1,53 @@
+"""API keys: who is calling, and so which sessions they may see.
+
+`Authorization: Bearer KEY` is the norm. `Basic` with the key as password is accepted too,
+because SandboxFusion's client can only authenticate through a `user:KEY@host` URL.
+Without configured keys every caller is the same anonymous owner.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+
+from fastapi import Request
+
+from .errors import ApiError
+
+ANONYMOUS = "anonymous"
+
+
+def owner_of(key: str) -> str:
+    """A stable, non-reversible owner id: raw keys are never stored with sessions."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return value.strip() or None
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return decoded.partition(":")[2] or None
+    return None
+
+
+async def require_owner(request: Request) -> str:
+    """FastAPI dependency: the caller's owner id, or 401."""
+    keys: list[str] = request.app.state.settings.api_key
+    if not keys:
+        return ANONYMOUS
+    key = presented_key(request)
+    if key is None:
+        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
+    for known in keys:
+        if hmac.compare_digest(key.encode(), known.encode()):
+            return owner_of(known)
+    raise ApiError(401, "unauthorized", "invalid API key")

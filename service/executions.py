@@ -1,0 +1,111 @@
+"""What every execute route shares: limits, image URLs, rendering, metrics, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from fastapi.sse import format_sse_event
+
+from kernelbox.models import Execution, Format, render_options
+from sandbox.render import render_text
+from sandbox.session import OnEvent
+
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+
+Run = Callable[[OnEvent | None], Awaitable[Execution]]
+
+
+def check_code(request: Request, code: str) -> None:
+    limit = request.app.state.settings.max_code_chars
+    if len(code) > limit:
+        raise ApiError(413, "too_large", f"code is {len(code)} characters; the limit is {limit}")
+
+
+def base_url(request: Request) -> str:
+    return (request.app.state.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def finish(
+    request: Request,
+    execution: Execution,
+    *,
+    session_id: str | None,
+    fmt: Format | None,
+    started: float,
+    default_envelope: str = "text",
+) -> Execution:
+    """Give images their URLs, render `text` if asked, and count the execution."""
+    for image in execution.images:
+        if session_id is not None:
+            image.url = f"{base_url(request)}/v1/sessions/{session_id}/files/{image.path}"
+        else:  # one-shot runs keep no files: the URL carries the image itself
+            image.url = _data_url(execution, image.path, image.mime)
+    if fmt is not None:
+        execution.text = render_text(execution, render_options(fmt, default_envelope))  # type: ignore[arg-type]
+    request.app.state.metrics.observe(execution.status, time.perf_counter() - started)
+    return execution
+
+
+def _data_url(execution: Execution, path: str, mime: str) -> str:
+    for result in execution.results:
+        value = result.data.get(mime)
+        if path in result.images and isinstance(value, str):
+            if mime == "image/svg+xml":
+                value = base64.b64encode(value.encode()).decode()
+            return f"data:{mime};base64,{value}"
+    return path
+
+
+def wants_stream(request: Request, stream_flag: bool) -> bool:
+    return stream_flag or "text/event-stream" in request.headers.get("accept", "")
+
+
+def stream(run: Run, finalize: Callable[[Execution], Execution]) -> StreamingResponse:
+    """Server-sent events: `stdout`, `stderr`, `result`, `error` as they happen, then `end`
+    with the whole Execution. A client that goes away does not stop the code."""
+    queue: asyncio.Queue[tuple[str, object] | None] = asyncio.Queue()
+
+    def on_event(kind: str, data: dict) -> None:
+        queue.put_nowait((kind, data))
+
+    async def produce() -> Execution:
+        try:
+            return await run(on_event)
+        finally:
+            queue.put_nowait(None)
+
+    async def events() -> AsyncIterator[bytes]:
+        task = asyncio.create_task(produce())
+        task.add_done_callback(_log_failure)
+        while (item := await queue.get()) is not None:
+            kind, data = item
+            yield format_sse_event(event=kind, data_str=json.dumps(data))
+        try:
+            execution = finalize(await task)
+            yield format_sse_event(event="end", data_str=execution.model_dump_json())
+        except ApiError as exc:
+            body = {"error": {"code": exc.code, "message": exc.message}}
+            yield format_sse_event(event="fail", data_str=json.dumps(body))
+        except Exception as exc:
+            body = {"error": {"code": exc.__class__.__name__, "message": str(exc)}}
+            yield format_sse_event(event="fail", data_str=json.dumps(body))
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("streamed execution ended with %r", task.exception())

@@ -1,0 +1,44 @@
+"""`kernelbox serve`: run the app under uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import uvicorn
+
+from .app import create_app
+from .settings import Settings
+
+log = logging.getLogger("kernelbox")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not settings.api_key:
+        if is_loopback(settings.host):
+            log.warning("no API key configured: listening on %s (loopback) only", settings.host)
+        else:
+            log.warning(
+                "no API key configured and listening on %s: anyone who can reach this port "
+                "can run code. Set KERNELBOX_API_KEY.",
+                settings.host,
+            )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=10,
+        log_level="info",
+    )

@@ -1,0 +1,58 @@
+"""Service settings: environment (`KERNELBOX_*`) and `kernelbox serve` flags, one model."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KERNELBOX_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: Literal["local", "docker"] = "local"
+    # One key or several, comma-separated. Each key owns the sessions it creates.
+    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Where session working directories live (the service's own view of the path).
+    data_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "kernelbox")
+    # Base of the URLs given for images; default: the URL the request came in on.
+    public_url: str | None = None
+
+    # pool and sessions
+    min_idle: int = Field(default=2, ge=0)
+    max_sessions: int = Field(default=64, ge=1)
+    pool_wait: float = Field(default=0.0, ge=0, description="seconds a create may wait for a slot")
+    idle_timeout: float = Field(default=600.0, gt=0)
+    max_idle_timeout: float = Field(default=86_400.0, gt=0)
+
+    # executions
+    default_timeout: float = Field(default=30.0, gt=0)
+    max_timeout: float = Field(default=600.0, gt=0)
+    interrupt_grace: float = Field(default=2.0, gt=0)
+    max_output_chars: int = Field(default=200_000, ge=1000)
+    max_code_chars: int = Field(default=1_000_000, ge=1)
+    max_body_bytes: int = Field(default=2 * 1024**2, ge=1024)
+    max_file_bytes: int = Field(default=100 * 1024**2, ge=1024)
+
+    # kernel limits
+    memory_mb: int = Field(default=2048, ge=64)
+    cpus: float = Field(default=1.0, gt=0)
+    pids: int = Field(default=256, ge=8)
+
+    # local backend: the interpreter that runs kernels (default: the service's own)
+    kernel_python: str | None = None
+
+    # docker backend
+    image: str = "kernelbox-kernel:latest"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value

@@ -1,0 +1,73 @@
+"""A real uvicorn server on loopback, in a thread of its own, for tests that speak HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: FastAPI
+    settings: Settings
+
+    @property
+    def manager(self):
+        return self.app.state.manager
+
+    def client(self, key: str | None = None, timeout: float = 120) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+
+
+@contextlib.contextmanager
+def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServer]:
+    settings.setdefault("port", free_port())
+    config = Settings(**settings)
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{config.port}"
+        if wait_ready and config.min_idle:
+            _wait_for_warm(url, config.min_idle)
+        yield RunningServer(url, app, config)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def _wait_for_warm(url: str, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{url}/readyz").json()
+        if body.get("idle_kernels", 0) >= n:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the pool did not warm {n} kernels in {timeout} s")
