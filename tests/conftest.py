@@ -99,3 +99,26 @@ def no_kernel_left_behind():
     for proc in leftovers:
         proc.kill()
     assert not leftovers, f"kernel processes left behind: {[p.pid for p in leftovers]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_container_left_behind():
+    """Fails the run if a kernel container made by this process outlives the tests.
+
+    Only containers labelled with this test process as their owner count, so another test
+    run on the same engine is not mistaken for a leak. Leftovers are removed anyway.
+    """
+    yield
+    try:
+        import docker
+
+        from sandbox.backends.docker import our_containers_filter
+
+        client = docker.from_env()
+        client.ping()
+    except Exception:
+        return  # no engine reachable: nothing can have been left there
+    leftovers = client.containers.list(all=True, filters=our_containers_filter(pid=os.getpid()))
+    for container in leftovers:
+        container.remove(force=True)
+    assert not leftovers, f"kernel containers left behind: {[c.name for c in leftovers]}"

@@ -1,0 +1,428 @@
+"""What the Docker sandbox holds against hostile code (Docker only; the engine's own tests run
+on every backend through the `backend` fixture).
+
+Limits here are smaller than the defaults so bombs end quickly; the defaults are exercised
+by the engine tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import IMAGE, require_docker
+
+from sandbox.backends.base import KernelConfig, Limits
+from sandbox.session import KernelSession
+
+pytestmark = pytest.mark.docker
+
+MiB = 1024**2
+LIMITS = Limits(memory_bytes=512 * MiB, cpus=1.0, pids=64, file_size_bytes=64 * MiB, open_files=256)
+TMP_BYTES = 32 * MiB
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+async def dbackend():
+    require_docker()
+    from sandbox.backends.docker import DockerBackend
+
+    backend = DockerBackend(KernelConfig(limits=LIMITS), image=IMAGE, tmp_bytes=TMP_BYTES)
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+async def session(dbackend, workdir):
+    s = await KernelSession.start(dbackend, workdir)
+    yield s
+    await s.close()
+
+
+def docker_client():
+    import docker
+
+    return docker.from_env()
+
+
+async def run(session: KernelSession, code: str, timeout: float = 30.0):
+    return await session.execute(textwrap.dedent(code), timeout)
+
+
+async def run_ok(session: KernelSession, code: str, timeout: float = 30.0) -> str:
+    result = await run(session, code, timeout)
+    assert result.status == "ok", (result.error, result.stderr)
+    return result.stdout
+
+
+def host_addresses() -> set[str]:
+    """Addresses at which the host could be reached from a container with a network."""
+    found = {"172.17.0.1"}
+    try:
+        bridge = docker_client().networks.get("bridge")
+        found |= {c["Gateway"] for c in bridge.attrs["IPAM"]["Config"] if "Gateway" in c}
+    except Exception:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing address
+            found.add(s.getsockname()[0])
+        except OSError:
+            pass
+    return found
+
+
+# -- isolation -------------------------------------------------------------------------------
+
+
+async def test_no_network_to_outside_or_host(session):
+    # A listener on every host interface: a sandbox with any route to the host would reach it.
+    server = socket.create_server(("0.0.0.0", 0))
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    abstract_name = f"\0kernelbox-test-{os.getpid()}"
+    abstract.bind(abstract_name)
+    abstract.listen()
+    port = server.getsockname()[1]
+    targets = [(addr, port) for addr in sorted(host_addresses())] + [("1.1.1.1", 53)]
+    try:
+        out = await run_ok(
+            session,
+            f"""
+            import socket, os
+            for target in {targets!r}:
+                try:
+                    socket.create_connection(tuple(target), timeout=2).close()
+                    print("REACHED", target)
+                except OSError as exc:
+                    print("blocked", target, exc.errno)
+            for path in ("/var/run/docker.sock", "/run/docker.sock"):
+                print("docker.sock exists:", os.path.exists(path))
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect({abstract_name!r})
+                print("REACHED abstract socket")
+            except OSError as exc:
+                print("blocked abstract", exc.errno)
+            print("interfaces:", [name for _, name in socket.if_nameindex()])
+            """,
+        )
+    finally:
+        server.close()
+        abstract.close()
+    assert "REACHED" not in out, out
+    assert out.count("blocked") == len(targets) + 1
+    assert "docker.sock exists: True" not in out
+    assert "interfaces: ['lo']" in out
+
+
+async def test_host_files_and_service_secrets_are_invisible(dbackend, workdir, monkeypatch):
+    secret_file = workdir.parent / "host-secret.txt"
+    secret_file.write_text("host secret")
+    monkeypatch.setenv("KERNELBOX_TEST_SECRET", "s3cr3t-value")
+    session = await KernelSession.start(dbackend, workdir)
+    try:
+        out = await run_ok(
+            session,
+            f"""
+            import os
+            for path in ({str(secret_file)!r}, {str(workdir)!r}, "/root", "/etc/shadow"):
+                try:
+                    print(path, "listing" if os.path.isdir(path) else "read",
+                          os.listdir(path) if os.path.isdir(path) else open(path).read()[:20])
+                except OSError as exc:
+                    print(path, "denied", type(exc).__name__)
+            print("env", sorted(os.environ))
+            for pid in ("self", "1"):
+                print(pid, "environ has secret:",
+                      b"s3cr3t" in open(f"/proc/{{pid}}/environ", "rb").read())
+            """,
+        )
+    finally:
+        await session.close()
+    assert "host secret" not in out
+    assert f"{secret_file} denied FileNotFoundError" in out
+    assert f"{workdir} denied FileNotFoundError" in out  # the host path means nothing inside
+    assert "/etc/shadow denied" in out
+    assert "KERNELBOX_TEST_SECRET" not in out and "s3cr3t-value" not in out
+    assert "environ has secret: True" not in out
+
+
+async def test_non_root_no_capabilities_read_only_root(session):
+    out = await run_ok(
+        session,
+        """
+        import os
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        print("uid", os.getuid(), os.geteuid(), "gid", os.getgid())
+        for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"):
+            print(key, int(status[key].strip(), 16))
+        for path in ("/x", "/etc/x", "/opt/venv/x", "/home/sandbox/x"):
+            try:
+                open(path, "w")
+                print("WROTE", path)
+            except OSError as exc:
+                print("refused", path, exc.strerror)
+        open("in-workdir.txt", "w").write("ok")
+        open("/tmp/in-tmp.txt", "w").write("ok")
+        print("writable: workdir, /tmp")
+        """,
+    )
+    assert "uid 1000 1000 gid 1000" in out or f"uid {os.getuid()} " in out
+    assert "uid 0" not in out
+    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert f"{key} 0\n" in out
+    assert "NoNewPrivs 1" in out
+    assert "WROTE" not in out
+    assert out.count("Read-only file system") == 4
+    assert "writable: workdir, /tmp" in out
+
+
+async def test_container_is_configured_as_promised(dbackend, session):
+    proc = session.kernel.proc
+    attrs = docker_client().api.inspect_container(proc.container_id)
+    host = attrs["HostConfig"]
+    assert host["NetworkMode"] == "none"
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["Memory"] == host["MemorySwap"] == LIMITS.memory_bytes
+    assert host["NanoCpus"] == 1_000_000_000
+    assert host["PidsLimit"] == LIMITS.pids
+    ulimits = {u["Name"]: u["Soft"] for u in host["Ulimits"]}
+    assert ulimits["fsize"] == LIMITS.file_size_bytes and ulimits["nofile"] == 256
+    assert f"size={TMP_BYTES}" in host["Tmpfs"]["/tmp"]
+    assert attrs["Config"]["Labels"]["kernelbox.instance"] == dbackend.instance
+    assert attrs["Config"]["User"] in ("1000:1000", f"{os.getuid()}:{os.getgid()}")
+    # The engine connects with host-side socket paths; the kernel was told container-side ones.
+    assert proc.connection_info["ip"] == str(proc.runtime_dir / "k")
+    inside = json.loads((proc.runtime_dir / "connection.json").read_text())
+    assert inside["ip"] == "/run/kernelbox/k"
+    assert inside["key"] == proc.connection_info["key"]
+    # ...and the limits are those the kernel actually lives under (cgroup v1 or v2).
+    out = await run_ok(
+        session,
+        """
+        import os
+        def first(*paths):
+            for p in paths:
+                if os.path.exists(p):
+                    return open(p).read().strip()
+        print("mem", first("/sys/fs/cgroup/memory.max",
+                           "/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        print("pids", first("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"))
+        """,
+    )
+    assert f"mem {LIMITS.memory_bytes}" in out
+    assert f"pids {LIMITS.pids}" in out
+
+
+async def test_files_flow_both_ways(session, workdir):
+    (workdir / "from-host.csv").write_text("a,b\n1,2\n")
+    out = await run_ok(
+        session,
+        """
+        df = pd.read_csv("from-host.csv")
+        print(int(df["b"].sum()))
+        df.to_csv("from-kernel.csv", index=False)
+        os.makedirs("sub/dir", exist_ok=True)
+        open("sub/dir/f.txt", "w").write("deep")
+        os.remove("from-host.csv")
+        """,
+    )
+    assert out.strip() == "2"
+    assert (workdir / "from-kernel.csv").read_text() == "a,b\n1,2\n"
+    assert not (workdir / "from-host.csv").exists()
+    # The service can delete what the kernel wrote.
+    (workdir / "sub" / "dir" / "f.txt").unlink()
+    (workdir / "sub" / "dir").rmdir()
+
+
+# -- resource bombs --------------------------------------------------------------------------
+
+
+async def test_memory_bomb_dies_out_of_memory_and_next_execute_works(session):
+    await run_ok(session, "keep = 1")
+    result = await run(session, "hog = []\nwhile True: hog.append(bytearray(16 * 2**20))")
+    assert result.status == "died"
+    assert result.kernel_restarted
+    assert "out of memory" in result.error.value
+    after = await run(session, "print('fresh', 'keep' in globals())")
+    assert after.status == "ok"
+    assert after.stdout == "fresh False\n"
+
+
+async def test_fork_bomb_is_contained(dbackend, session, workdir, tmp_path):
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = await KernelSession.start(dbackend, other_dir)
+    try:
+        bomb = asyncio.ensure_future(
+            run(session, "import os\nwhile True:\n    os.fork()", timeout=20)
+        )
+        await asyncio.sleep(1.0)
+        # Meanwhile: another session and the host carry on.
+        started = time.monotonic()
+        for i in range(5):
+            assert (await run_ok(other, f"print({i} * 2)")).strip() == str(i * 2)
+        assert time.monotonic() - started < 10
+        host_child = await asyncio.create_subprocess_exec("true")
+        assert await host_child.wait() == 0
+        result = await bomb
+        # The pids limit stops it with a clear error (or the deadline does).
+        assert result.status in ("error", "timeout", "died")
+        if result.status == "error":
+            assert result.error.name == "BlockingIOError"
+        pids = await run_ok(
+            other,
+            "print(len([p for p in os.listdir('/proc') if p.isdigit()]))",
+        )
+        assert int(pids) < 10  # the bomb's processes are not in the other container
+    finally:
+        await other.close()
+    # The forked copies of the kernel stay in its container; a restart clears them.
+    await session.restart()
+    assert (await run_ok(session, "print('recovered')")).strip() == "recovered"
+
+
+async def test_disk_filling_stops_at_limits(session):
+    # One file: stopped by the fsize limit (64 MiB here).
+    result = await run(
+        session,
+        """
+        chunk = b"x" * 2**20
+        with open("huge.bin", "wb") as f:
+            while True:
+                f.write(chunk)
+        """,
+    )
+    assert result.status == "error"
+    assert result.error.name == "OSError" and "File too large" in result.error.value
+    size = int(await run_ok(session, "print(os.path.getsize('huge.bin'))"))
+    assert size <= LIMITS.file_size_bytes
+    # /tmp: a tmpfs of TMP_BYTES.
+    result = await run(
+        session,
+        """
+        chunk = b"x" * 2**20
+        for i in range(1000):
+            with open(f"/tmp/fill-{i}", "wb") as f:
+                f.write(chunk)
+        """,
+    )
+    assert result.status == "error"
+    assert "No space left on device" in result.error.value
+    # The root is read-only.
+    result = await run(session, "open('/fill', 'wb').write(b'x')")
+    assert result.status == "error" and "Read-only file system" in result.error.value
+    # And the session carries on (and can free the space).
+    out = await run_ok(
+        session,
+        "import glob\nfor p in glob.glob('/tmp/fill-*'): os.remove(p)\nos.remove('huge.bin')\n"
+        "print('still here')",
+    )
+    assert out.strip() == "still here"
+
+
+async def test_interrupt_reaches_child_processes_and_keeps_state(session):
+    await run_ok(session, "kept = 7")
+    started = time.monotonic()
+    result = await run(session, "import subprocess\nsubprocess.run(['sleep', '60'])", timeout=1)
+    assert result.status == "timeout"
+    assert not result.kernel_restarted
+    assert time.monotonic() - started < 1.5 + 1.0
+    out = await run_ok(
+        session,
+        "print(kept, [p for p in os.listdir('/proc') if p.isdigit()"
+        " and b'sleep' in open(f'/proc/{p}/cmdline', 'rb').read()])",
+    )
+    assert out.strip() == "7 []"
+
+
+async def test_kernel_death_is_reported(dbackend, workdir):
+    proc = await dbackend.start(workdir)
+    try:
+        assert await proc.poll() is None
+        await proc.send_signal(signal.SIGKILL)
+        info = await asyncio.wait_for(proc.wait(), 10)
+        assert info.reason == "killed by signal 9 (SIGKILL)"
+        assert (await proc.poll()) == info
+    finally:
+        await proc.kill()
+        await proc.cleanup()
+    assert not proc.runtime_dir.exists()
+    assert docker_client().containers.list(all=True, filters={"id": proc.container_id}) == []
+
+
+# -- ownership and leftovers -----------------------------------------------------------------
+
+CHILD = """
+import asyncio, sys, time
+from pathlib import Path
+from sandbox.backends.docker import DockerBackend
+
+async def main():
+    backend = DockerBackend(image=sys.argv[1])
+    proc = await backend.start(Path(sys.argv[2]))
+    print(proc.container_id, flush=True)
+    time.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def _container_exists(container_id: str) -> bool:
+    return bool(docker_client().containers.list(all=True, filters={"id": container_id}))
+
+
+async def test_containers_of_a_killed_service_are_removed_by_the_next_backend(
+    dbackend, session, workdir
+):
+    from sandbox.backends.docker import DockerBackend
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, IMAGE, str(workdir), cwd=REPO, stdout=subprocess.PIPE
+    )
+    try:
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
+        orphan = line.decode().strip()
+        assert orphan and _container_exists(orphan)
+        # While its service lives, a new backend leaves it alone (and ours too).
+        await DockerBackend(image=IMAGE).close()
+        assert _container_exists(orphan)
+        child.kill()  # SIGKILL: no clean-up code runs
+        await asyncio.wait_for(child.wait(), 10)
+        assert _container_exists(orphan)
+        newcomer = DockerBackend(image=IMAGE)
+        assert not _container_exists(orphan)
+        assert _container_exists(session.kernel.proc.container_id)  # a live one is kept
+        await newcomer.close()
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    assert (await run_ok(session, "print('alive')")).strip() == "alive"
+
+
+async def test_close_removes_every_container(workdir, tmp_path):
+    require_docker()
+    from sandbox.backends.docker import DockerBackend
+
+    backend = DockerBackend(KernelConfig(limits=LIMITS), image=IMAGE)
+    second = tmp_path / "second"
+    second.mkdir()
+    procs = [await backend.start(workdir), await backend.start(second)]
+    assert len(backend.containers()) == 2
+    await backend.close()
+    assert backend.containers() == []
+    assert not any(p.runtime_dir.exists() for p in procs)
+    assert not backend.runtime_root.exists()
