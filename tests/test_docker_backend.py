@@ -226,6 +226,36 @@ async def test_container_is_configured_as_promised(dbackend, session):
     assert f"pids {LIMITS.pids}" in out
 
 
+async def test_kernel_cannot_swap_its_sockets(dbackend, session):
+    # A swapped socket (say, a symlink to a host socket) would be followed by the engine's
+    # ZMQ client on reconnect. Sealing needs the kernel to run under another uid.
+    if dbackend.user == (os.geteuid(), os.getegid()):
+        pytest.skip("the kernel runs as the service's own user: it owns its runtime directory")
+    out = await run_ok(
+        session,
+        """
+        for action in ("unlink", "rename", "create"):
+            try:
+                if action == "unlink":
+                    os.unlink("/run/kernelbox/k-1")
+                elif action == "rename":
+                    os.rename("/run/kernelbox/k-2", "/run/kernelbox/moved")
+                else:
+                    os.symlink("/var/run/docker.sock", "/run/kernelbox/evil")
+                print("DID", action)
+            except OSError as exc:
+                print("refused", action, type(exc).__name__)
+        """,
+    )
+    assert "DID" not in out and out.count("refused") == 3
+    assert (await run_ok(session, "print('still connected')")).strip() == "still connected"
+
+
+async def test_memory_of_a_kernel_is_measured(session):
+    pss = session.kernel.proc.memory_pss()
+    assert pss is not None and 20 * MiB < pss < LIMITS.memory_bytes
+
+
 async def test_files_flow_both_ways(session, workdir):
     (workdir / "from-host.csv").write_text("a,b\n1,2\n")
     out = await run_ok(

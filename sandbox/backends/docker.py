@@ -77,6 +77,7 @@ LABEL_CREATED = "kernelbox.created"  # unix time
 
 # A unix socket path has room for 107 bytes; the longest of ours is "<runtime>/k-5".
 _SOCKET_PATH_MAX = 107
+_SOCKET_PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
 def _read(path: str) -> str:
@@ -150,6 +151,9 @@ class DockerKernel(KernelProcess):
         self._death: asyncio.Future[ExitInfo] = loop.create_future()
         self._last_log = ""
         self._removed = False
+        #: host pid of the container's PID 1 (tini), set once started
+        self.host_pid: int | None = None
+        self._sealer: asyncio.Task[None] | None = None
 
     # Called from the backend's event thread (any thread): resolve in the kernel's loop.
     def _died(self, info: ExitInfo, log_text: str) -> None:
@@ -205,8 +209,39 @@ class DockerKernel(KernelProcess):
         return raw.decode(errors="replace")[-max_chars:]
 
     async def cleanup(self) -> None:
+        if self._sealer is not None:
+            self._sealer.cancel()
         self._backend._forget(self)
         await self._backend._call(shutil.rmtree, self.runtime_dir, True)
+
+    async def _seal_runtime_dir(self, timeout: float) -> None:
+        """Once the kernel has bound its sockets, take its runtime directory back.
+
+        Otherwise code in the kernel could swap a socket for a symlink to some other unix
+        socket on the host, which the engine's ZMQ client would follow on its next
+        reconnect. Bound sockets stay connectable; the kernel no longer needs the directory.
+        Only possible when the kernel runs under another uid than the service (root service).
+        """
+        prefix = self.connection_info["ip"]
+        paths = [Path(f"{prefix}-{self.connection_info[k]}") for k in _SOCKET_PORT_KEYS]
+        deadline = self._loop.time() + timeout
+        while not all(p.is_socket() for p in paths):
+            if self._death.done() or self._loop.time() > deadline:
+                return
+            await asyncio.sleep(0.02)
+        with contextlib.suppress(OSError):
+            os.chown(self.runtime_dir, os.geteuid(), os.getegid())
+            os.chmod(self.runtime_dir, 0o755)
+
+    def memory_pss(self) -> int | None:
+        """Proportional set size of everything in the container, from the host's /proc."""
+        if self.host_pid is None:
+            return None
+        try:
+            init = psutil.Process(self.host_pid)
+            return sum(p.memory_full_info().pss for p in [init, *init.children(recursive=True)])
+        except (psutil.Error, AttributeError):
+            return None
 
     def log_tail(self, max_chars: int = 2000) -> str:
         # Sync by contract (used on error paths); after removal the last copy is kept.
@@ -304,6 +339,8 @@ class DockerBackend(KernelBackend):
     # -- helpers -----------------------------------------------------------------------------
 
     async def _call(self, fn, *args, **kwargs):
+        if self._closed:  # our pool is shut down; a late cleanup still has to run
+            return await asyncio.to_thread(fn, *args, **kwargs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
@@ -352,10 +389,14 @@ class DockerBackend(KernelBackend):
             self._kernels[kernel.container_id] = kernel
         try:
             await self._call(container.start)
+            state = (await self._call(kernel._inspect))["State"]
         except BaseException:
             await kernel.kill()
             await kernel.cleanup()
             raise
+        kernel.host_pid = state.get("Pid") or None
+        if self._chown:
+            kernel._sealer = loop.create_task(kernel._seal_runtime_dir(self.config.start_timeout))
         return kernel
 
     def _give_to_kernel(self, workdir: Path, runtime_dir: Path) -> None:
@@ -445,6 +486,7 @@ class DockerBackend(KernelBackend):
             "event": ["die"],
             "label": [f"{LABEL_INSTANCE}={self.instance}"],
         }
+        reconnect = False
         while not self._closed:
             try:
                 self._events = self.client.events(
@@ -452,6 +494,8 @@ class DockerBackend(KernelBackend):
                 )
                 if self._closed:
                     break
+                if reconnect:
+                    self._sweep()  # deaths the daemon no longer remembers (it restarted)
                 for event in self._events:
                     # Replays after a reconnect start here; a repeated event is harmless.
                     self._events_since = max(self._events_since, int(event.get("time", 0)) - 1)
@@ -461,7 +505,21 @@ class DockerBackend(KernelBackend):
                 if self._closed:
                     break
                 log.warning("Docker event stream broke (%s); reconnecting", exc)
+                reconnect = True
                 time.sleep(1.0)
+
+    def _sweep(self) -> None:
+        with self._lock:
+            ids = list(self._kernels)
+        for container_id in ids:
+            try:
+                state = self.client.api.inspect_container(container_id)["State"]
+            except NotFound:
+                state = {"Running": False, "Status": "removed"}
+            except DockerException:
+                continue
+            if not state.get("Running") and state.get("Status") != "created":
+                self._on_die(container_id, str(state.get("ExitCode", "")))
 
     def _on_die(self, container_id: str, code: str | None) -> None:
         with self._lock:
