@@ -99,6 +99,10 @@ else
     export DOCKER_BUILDKIT=0
 fi
 
+# The backend compares this with the repository's kernel_boot.py and warns when the image
+# is stale (kernel_boot.py is copied into the image, so an edit needs a rebuild).
+build_args+=(--label "kernelbox.kernel_boot.sha256=$(sha256sum sandbox/kernel_boot.py | cut -d' ' -f1)")
+
 log "building $IMAGE on $base"
 start=$(date +%s)
 docker build --network host -f Dockerfile.kernel -t "$IMAGE" "${build_args[@]}" . >&2

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -52,7 +53,7 @@ from .base import (
     new_connection_info,
     write_connection_file,
 )
-from .local import describe_exit, kernel_env
+from .local import BOOT_SCRIPT, describe_exit, kernel_env
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,21 @@ def our_containers_filter(instance: str | None = None, pid: int | None = None) -
     if pid is not None:
         labels += [f"{LABEL_PID}={pid}", f"{LABEL_BOOT}={_boot_id()}", f"{LABEL_PIDNS}={_pid_ns()}"]
     return {"label": labels}
+
+
+def _warn_if_stale(image: str, labels: dict[str, str]) -> None:
+    """An image built from another kernel_boot.py than this checkout's runs other code."""
+    built = labels.get("kernelbox.kernel_boot.sha256")
+    try:
+        here = hashlib.sha256(BOOT_SCRIPT.read_bytes()).hexdigest()
+    except OSError:
+        return  # installed without the source next to it
+    if built and built != here:
+        log.warning(
+            "image %s was built from another sandbox/kernel_boot.py than this one; "
+            "rebuild it with scripts/build-kernel-image.sh",
+            image,
+        )
 
 
 def exit_info(code: int | None, oom: bool = False) -> ExitInfo:
@@ -300,12 +316,13 @@ class DockerBackend(KernelBackend):
         self._closed = False
 
         try:
-            self.client.images.get(image)
+            found = self.client.images.get(image)
         except ImageNotFound:
             raise RuntimeError(
                 f"Docker image {image!r} not found: build it with "
                 f"`scripts/build-kernel-image.sh {image}` (or `make image`)"
             ) from None
+        _warn_if_stale(image, found.labels or {})
 
         # Socket paths must stay short, hence a fresh directory under /tmp by default.
         self.runtime_root = runtime_root or Path(tempfile.mkdtemp(prefix="kernelbox-docker-"))
