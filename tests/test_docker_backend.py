@@ -401,7 +401,8 @@ from pathlib import Path
 from sandbox.backends.docker import DockerBackend
 
 async def main():
-    backend = DockerBackend(image=sys.argv[1])
+    root = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    backend = DockerBackend(image=sys.argv[1], runtime_root=root)
     proc = await backend.start(Path(sys.argv[2]))
     print(proc.container_id, flush=True)
     time.sleep(3600)
@@ -414,27 +415,33 @@ def _container_exists(container_id: str) -> bool:
     return bool(docker_client().containers.list(all=True, filters={"id": container_id}))
 
 
+@pytest.mark.parametrize("shared_root", [False, True], ids=["own-root", "shared-root"])
 async def test_containers_of_a_killed_service_are_removed_by_the_next_backend(
-    dbackend, session, workdir
+    dbackend, session, workdir, tmp_path, shared_root
 ):
     from sandbox.backends.docker import DockerBackend
 
+    # shared_root: an operator-given runtime_root that each service run reuses.
+    root = tmp_path / "rt" if shared_root else None
+    args = [str(root)] if root else []
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CHILD, IMAGE, str(workdir), cwd=REPO, stdout=subprocess.PIPE
+        sys.executable, "-c", CHILD, IMAGE, str(workdir), *args, cwd=REPO, stdout=subprocess.PIPE
     )
     try:
         line = await asyncio.wait_for(child.stdout.readline(), 60)
         orphan = line.decode().strip()
         assert orphan and _container_exists(orphan)
         # While its service lives, a new backend leaves it alone (and ours too).
-        await DockerBackend(image=IMAGE).close()
+        await DockerBackend(image=IMAGE, runtime_root=root).close()
         assert _container_exists(orphan)
         child.kill()  # SIGKILL: no clean-up code runs
         await asyncio.wait_for(child.wait(), 10)
         assert _container_exists(orphan)
-        newcomer = DockerBackend(image=IMAGE)
+        newcomer = DockerBackend(image=IMAGE, runtime_root=root)
         assert not _container_exists(orphan)
         assert _container_exists(session.kernel.proc.container_id)  # a live one is kept
+        if root is not None:  # only the newcomer's lock is left in the shared root
+            assert [p.name for p in root.iterdir()] == [newcomer._lock_path.name]
         await newcomer.close()
     finally:
         if child.returncode is None:

@@ -324,14 +324,16 @@ class DockerBackend(KernelBackend):
             ) from None
         _warn_if_stale(image, found.labels or {})
 
-        # Socket paths must stay short, hence a fresh directory under /tmp by default.
+        # Socket paths must stay short, hence a fresh directory under /tmp by default. A given
+        # runtime_root may be shared by backends and outlive them: each has its own lock file.
+        self._own_root = runtime_root is None
         self.runtime_root = runtime_root or Path(tempfile.mkdtemp(prefix="kernelbox-docker-"))
         self.runtime_root.mkdir(parents=True, exist_ok=True)
         if len(str(self.runtime_root)) + len("/k-xxxxxxxx/k-5") > _SOCKET_PATH_MAX:
             raise ValueError(f"runtime_root {self.runtime_root} is too long for unix sockets")
         # Held for the life of this backend: while it is held, our containers are not orphans.
         # flock is released by the kernel when the process dies, however it dies.
-        self._lock_path = self.runtime_root / "owner.lock"
+        self._lock_path = self.runtime_root / f"owner-{self.instance}.lock"
         self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._owner_labels = {
@@ -592,17 +594,31 @@ class DockerBackend(KernelBackend):
                     with contextlib.suppress(DockerException):
                         self._remove(container.id)
                         removed.append(container.name)
-                    for mount in container.attrs.get("Mounts", []):
-                        if mount.get("Destination") == CONTAINER_RUNTIME:
-                            shutil.rmtree(mount.get("Source", ""), ignore_errors=True)
+                    self._remove_runtime_dir(container, labels.get(LABEL_LOCK, ""), held)
         finally:
             for lock_path, fd in held.items():
-                # The dead owner's own runtime root (if it is the default kind) goes too.
+                # The dead owner's files go too: its whole root if it made it, else its lock.
                 root = Path(lock_path).parent
                 if root.name.startswith("kernelbox-docker-"):
                     shutil.rmtree(root, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock_path)
                 os.close(fd)
         return removed
+
+    @staticmethod
+    def _remove_runtime_dir(container: Any, lock_path: str, held: dict[str, int]) -> None:
+        # Only a directory next to a lock we hold: a label or mount is no licence to delete.
+        if lock_path not in held:
+            return
+        for mount in container.attrs.get("Mounts", []):
+            source = Path(mount.get("Source") or "/")
+            if (
+                mount.get("Destination") == CONTAINER_RUNTIME
+                and source.parent == Path(lock_path).parent
+            ):
+                shutil.rmtree(source, ignore_errors=True)
 
     def _owner_gone(self, labels: dict[str, str], held: dict[str, int]) -> bool:
         if labels.get(LABEL_BOOT) and _boot_id() and labels[LABEL_BOOT] != _boot_id():
@@ -618,9 +634,9 @@ class DockerBackend(KernelBackend):
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as exc:
                     os.close(fd)
-                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        return False  # the owner holds it: alive
-                    raise
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        log.warning("cannot tell whether %s is held: %s", lock_path, exc)
+                    return False  # the owner holds it (alive), or we cannot tell
                 held[lock_path] = fd  # kept until its containers are removed
                 return True
         if labels.get(LABEL_PIDNS) == _pid_ns() and labels.get(LABEL_PID, "").isdigit():
@@ -651,5 +667,9 @@ class DockerBackend(KernelBackend):
             with contextlib.suppress(Exception):
                 self._events.close()
         self._executor.shutdown(wait=False)
-        shutil.rmtree(self.runtime_root, ignore_errors=True)
+        if self._own_root:
+            shutil.rmtree(self.runtime_root, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                self._lock_path.unlink()
         os.close(self._lock_fd)
