@@ -4,7 +4,8 @@
 # Works with or without a registry:
 #   - if the base image (BASE, default python:3.12-slim) is present or can be pulled, use it;
 #   - otherwise make a Debian base from the host's own apt sources with mmdebstrap (installed
-#     with apt-get when missing) and `docker import` it as kernelbox-base:<suite>, once.
+#     with apt-get when missing) and `docker import` it as kernelbox-base:<suite>, once;
+#     later builds reuse it without trying the registry again.
 # A rebuild with nothing changed reuses the base and every cached layer: seconds.
 #
 # Environment:
@@ -61,10 +62,13 @@ make_local_base() {
 }
 
 pick_base() {
+    # No network for a rebuild: a base already here wins (the public one first); a pull is
+    # tried only when neither is.
     if [ "${FORCE_LOCAL_BASE:-0}" != 1 ]; then
         if have_image "$BASE"; then echo "$BASE"; return; fi
+        if have_image "$LOCAL_BASE"; then echo "$LOCAL_BASE"; return; fi
         # A registry may be unreachable (air-gapped machines): do not let a pull hang long.
-        if timeout 120 docker pull -q "$BASE" >/dev/null 2>&1; then echo "$BASE"; return; fi
+        if timeout 60 docker pull -q "$BASE" >/dev/null 2>&1; then echo "$BASE"; return; fi
         log "$BASE is neither present nor pullable; using a Debian base"
     fi
     have_image "$LOCAL_BASE" || make_local_base
