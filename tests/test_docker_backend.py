@@ -304,7 +304,7 @@ async def test_fork_bomb_is_contained(dbackend, session, workdir, tmp_path):
         started = time.monotonic()
         for i in range(5):
             assert (await run_ok(other, f"print({i} * 2)")).strip() == str(i * 2)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 20
         host_child = await asyncio.create_subprocess_exec("true")
         assert await host_child.wait() == 0
         result = await bomb
@@ -321,7 +321,8 @@ async def test_fork_bomb_is_contained(dbackend, session, workdir, tmp_path):
         await other.close()
     # The forked copies of the kernel stay in its container; a restart clears them.
     await session.restart()
-    assert (await run_ok(session, "print('recovered')")).strip() == "recovered"
+    # (Generous deadlines: on a loaded 2-core machine a fresh kernel's first cell is slow.)
+    assert (await run_ok(session, "print('recovered')", 90)).strip() == "recovered"
 
 
 async def test_disk_filling_stops_at_limits(session):
