@@ -302,7 +302,7 @@ class OutputCapture:
                 return path
             except FileExistsError:
                 number = self.namer.take()
-            except OSError as exc:
+            except (OSError, files.UnsafePath) as exc:
                 log.warning("could not save image %s: %s", path, exc)
                 self._note(f"an image could not be saved: {exc}")
                 return None

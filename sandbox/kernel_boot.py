@@ -11,6 +11,7 @@ Configuration comes from environment variables, removed from the environment onc
     KERNELBOX_OUTPUT_CAP    characters per stream per execution sent before only the tail is kept
     KERNELBOX_IMAGE_CAP     bytes (decoded) of one image in a display; larger ones are replaced
     KERNELBOX_UMASK         octal umask for everything the kernel creates (sockets included)
+    KERNELBOX_NICE          added niceness: user code yields the CPU to the service itself
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ctypes
 import json
 import os
 import sys
+import threading
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
@@ -68,12 +70,14 @@ def unshare_network() -> bool:
 
 
 class StreamBudget:
-    """Per execution and stream: send the first `cap` characters, then keep only a tail.
+    """Per execution and stream: pass the first `cap` characters, then keep only a tail.
 
-    Installed as an ipykernel OutStream hook, so a single `print('x' * 10**8)` or an endless
-    print loop never puts more than about `cap` characters per stream on the wire. The tail and
-    the number of characters dropped are sent when the cell ends (metadata
-    `kernelbox_dropped`), so the host can place the truncation marker exactly.
+    Wraps the write of ipykernel's OutStreams (print, sys.stdout, and fd 1/2 output that
+    ipykernel captures all end there), so a single `print('x' * 10**8)` or an endless print
+    loop never puts more than about `cap` characters per stream on the wire. The tail and the
+    number of characters dropped are sent when the cell ends (metadata `kernelbox_dropped`),
+    so the host can place the truncation marker exactly. (OutStream hooks would be simpler,
+    but they are thread-local and output is flushed from ipykernel's IO thread.)
     """
 
     def __init__(self, cap: int) -> None:
@@ -83,38 +87,46 @@ class StreamBudget:
         self.sent: dict[str, int] = {}
         self.tail: dict[str, str] = {}
         self.dropped: dict[str, int] = {}
+        self.lock = threading.Lock()
 
-    def reset(self, parent_id: str | None) -> None:
-        self.parent_id = parent_id
-        self.sent, self.tail, self.dropped = {}, {}, {}
+    def take(self, name: str, parent_id: str | None, text: str) -> str:
+        """The part of `text` that may be sent now; the rest goes to the tail."""
+        with self.lock:
+            if parent_id != self.parent_id:
+                self.parent_id = parent_id
+                self.sent, self.tail, self.dropped = {}, {}, {}
+            sent = self.sent.get(name, 0)
+            room = max(self.cap - sent, 0)
+            if len(text) <= room:
+                self.sent[name] = sent + len(text)
+                return text
+            head, rest = text[:room], text[room:]
+            self.sent[name] = sent + len(head)
+            tail = self.tail.get(name, "") + rest
+            if len(tail) > self.tail_cap:
+                self.dropped[name] = self.dropped.get(name, 0) + len(tail) - self.tail_cap
+                tail = tail[-self.tail_cap :]
+            self.tail[name] = tail
+            return head
 
-    def hook(self, msg: dict) -> dict | None:
-        parent_id = msg.get("parent_header", {}).get("msg_id")
-        if parent_id != self.parent_id:
-            self.reset(parent_id)
-        content = msg["content"]
-        name, text = content["name"], content["text"]
-        sent = self.sent.get(name, 0)
-        room = self.cap - sent
-        if len(text) <= room:
-            self.sent[name] = sent + len(text)
-            return msg
-        head, rest = text[: max(room, 0)], text[max(room, 0) :]
-        self.sent[name] = sent + len(head)
-        tail = self.tail.get(name, "") + rest
-        if len(tail) > self.tail_cap:
-            self.dropped[name] = self.dropped.get(name, 0) + len(tail) - self.tail_cap
-            tail = tail[-self.tail_cap :]
-        self.tail[name] = tail
-        if not head:
-            return None
-        content["text"] = head
-        return msg
+    def install(self, stream) -> None:
+        original = stream.write
+
+        def write(text: str) -> int:
+            if not isinstance(text, str):
+                return original(text)  # let ipykernel raise its own TypeError
+            allowed = self.take(stream.name, stream.parent_header.get("msg_id"), text)
+            if allowed:
+                original(allowed)
+            return len(text)
+
+        stream.write = write
 
     def pending(self) -> list[tuple[str, str, int]]:
-        out = [(n, t, self.dropped.get(n, 0)) for n, t in self.tail.items() if t]
-        self.tail, self.dropped = {}, {}
-        return out
+        with self.lock:
+            out = [(n, t, self.dropped.get(n, 0)) for n, t in self.tail.items() if t]
+            self.tail, self.dropped = {}, {}
+            return out
 
 
 def _cap_text(value: str, cap: int) -> str:
@@ -158,7 +170,7 @@ def _no_input(*_args, **_kwargs):
 
 def preload(shell) -> None:
     """What every session starts with: the data stack, inline plots, short tracebacks."""
-    shell.run_line_magic("xmode", "Minimal")
+    shell.InteractiveTB.set_mode("Minimal")  # %xmode Minimal, without its announcement
     shell.run_line_magic("matplotlib", "inline")
     shell.ex(
         "import json, math, os, re\n"
@@ -193,6 +205,9 @@ def main(argv: list[str]) -> None:
     output_cap = int(_pop_env("KERNELBOX_OUTPUT_CAP") or 200_000)
     image_cap = int(_pop_env("KERNELBOX_IMAGE_CAP") or 8 * 1024**2)
     umask = _pop_env("KERNELBOX_UMASK")
+    nice = _pop_env("KERNELBOX_NICE")
+    if nice:
+        os.nice(int(nice))
     if umask:
         os.umask(int(umask, 8))
     if want_netns:
@@ -209,8 +224,7 @@ def main(argv: list[str]) -> None:
 
     budget = StreamBudget(output_cap)
     for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "register_hook"):
-            stream.register_hook(budget.hook)
+        budget.install(stream)
 
     def flush_tails(*_args) -> None:
         sys.stdout.flush()

@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kernelbox.models import Execution, Session
@@ -66,7 +66,7 @@ class ManagedSession:
 
 
 def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 class SessionManager:
@@ -195,7 +195,7 @@ class SessionManager:
             )
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=max(wait, 0.001))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PoolExhausted(
                 f"all {self.options.max_sessions} session slots stayed in use for {wait:g} s",
                 retry_after=max(1, round(wait)),

@@ -39,6 +39,7 @@ class KernelPool:
         *,
         min_idle: int = 2,
         max_concurrent_starts: int = 2,
+        refill_delay: float = 1.0,
     ) -> None:
         self.backend = backend
         self.root = root
@@ -49,6 +50,10 @@ class KernelPool:
         self._wakeup = asyncio.Event()
         self._refiller: asyncio.Task[None] | None = None
         self._closed = False
+        # While warm kernels remain, replacements start a little later: a kernel booting
+        # (imports, a second or two of CPU) would otherwise slow the session just handed out.
+        self.refill_delay = refill_delay
+        self._delayed_wakeup: asyncio.TimerHandle | None = None
         self.last_error: str | None = None
         self.started_total = 0
 
@@ -60,6 +65,8 @@ class KernelPool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._delayed_wakeup is not None:
+            self._delayed_wakeup.cancel()
         if self._refiller is not None:
             self._refiller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -84,12 +91,23 @@ class KernelPool:
         """A warm kernel if one is waiting, else one started now (cold)."""
         while self._idle:
             warm = self._idle.pop(0)
-            self._wakeup.set()
             if warm.kernel.alive:
+                self._refill_soon()
                 return warm
             await self._discard(warm)
         self._wakeup.set()
         return await self._start_one()
+
+    def _refill_soon(self) -> None:
+        if not self._idle:
+            self._wakeup.set()
+        elif self._delayed_wakeup is None or self._delayed_wakeup.cancelled():
+            loop = asyncio.get_running_loop()
+            self._delayed_wakeup = loop.call_later(self.refill_delay, self._wake)
+
+    def _wake(self) -> None:
+        self._delayed_wakeup = None
+        self._wakeup.set()
 
     async def discard(self, warm: WarmKernel) -> None:
         await self._discard(warm)

@@ -28,7 +28,7 @@ from kernelbox.models import ErrorInfo, Execution
 from .backends.base import ExitInfo, KernelBackend
 from .capture import CaptureLimits, ImageNamer, OutputCapture
 from .errors import SessionBusy, SessionClosed
-from .kernel import Kernel
+from .kernel import DIED, Kernel
 
 log = logging.getLogger(__name__)
 
@@ -152,65 +152,50 @@ class KernelSession:
 
     async def _run(self, code: str, timeout: float, on_event: OnEvent | None) -> Execution:
         kernel = self.kernel
-        client = kernel.client
         capture = OutputCapture(self.workdir, self.namer, self.options.capture)
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + timeout
-        msg_id = client.execute(code, silent=False, store_history=True, allow_stdin=False)
+        msg_id, queue = kernel.conn.send("execute_request", execute_content(code))
 
         status = "ok"
         reply: dict | None = None
         idle = False
         interrupted_at: float | None = None
         died: ExitInfo | None = None
-        iopub_get = asyncio.ensure_future(client.iopub_channel.get_msg())
-        shell_get = asyncio.ensure_future(client.shell_channel.get_msg())
         try:
             while not (idle and reply is not None):
-                now = loop.time()
-                if reply is not None and not idle:
+                if reply is not None:
                     # Reply without idle: an IOPub message was lost; do not wait forever.
-                    wait_until = min(deadline, now + self.options.idle_after_reply)
+                    wait_until = min(deadline, loop.time() + self.options.idle_after_reply)
                 elif interrupted_at is not None:
                     wait_until = interrupted_at + self.options.interrupt_grace
                 else:
                     wait_until = deadline
-                done, _ = await asyncio.wait(
-                    {iopub_get, shell_get, kernel.death},
-                    timeout=max(wait_until - now, 0),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if iopub_get in done:
-                    msg = iopub_get.result()
-                    iopub_get = asyncio.ensure_future(client.iopub_channel.get_msg())
-                    if msg["parent_header"].get("msg_id") == msg_id:
-                        idle = idle or _is_idle(msg)
-                        await self._take(msg, capture, on_event)
-                    continue  # drain IOPub before acting on a reply or a death
-                if shell_get in done:
-                    msg = shell_get.result()
-                    shell_get = asyncio.ensure_future(client.shell_channel.get_msg())
-                    if msg["parent_header"].get("msg_id") == msg_id:
-                        reply = msg
-                    continue
-                if kernel.death in done:
-                    died = kernel.death.result()
-                    await self._drain(client, msg_id, capture, on_event)
-                    break
-                # A wait ran out.
-                if reply is not None and not idle:
-                    break
-                if interrupted_at is None:
+                try:
+                    async with asyncio.timeout_at(wait_until):
+                        msg = await queue.get()
+                except TimeoutError:
+                    if reply is not None or interrupted_at is not None:
+                        break  # idle lost, or SIGINT did not stop it within the grace period
                     status = "timeout"
                     interrupted_at = loop.time()
                     await kernel.proc.send_signal(signal.SIGINT)
                     continue
-                # Interrupting did not stop it within the grace period.
-                break
+                if msg is DIED:
+                    died = kernel.death.result()
+                    await asyncio.sleep(0.05)  # let the readers hand over what arrived last
+                    while not queue.empty():
+                        if (late := queue.get_nowait()) is not DIED:
+                            await self._take(late, capture, on_event)
+                    break
+                if msg["msg_type"] == "execute_reply":
+                    reply = msg
+                    continue
+                idle = idle or _is_idle(msg)
+                await self._take(msg, capture, on_event)
         finally:
-            iopub_get.cancel()
-            shell_get.cancel()
+            kernel.conn.forget(msg_id)
 
         duration_ms = (loop.time() - started) * 1000
         count = reply["content"].get("execution_count") if reply else None
@@ -229,20 +214,13 @@ class KernelSession:
             restarted = True
             self._schedule_restart()
         elif status == "timeout":
-            capture.replace_error(
-                ErrorInfo(name="TimeoutError", value=f"{TIMEOUT_TEXT} ({timeout:g} s)")
-            )
+            value = f"{TIMEOUT_TEXT} ({timeout:g} s)"
             if not (idle or reply is not None):
                 # Still running after SIGINT and the grace period: only a restart stops it.
                 restarted = True
-                capture.replace_error(
-                    ErrorInfo(
-                        name="TimeoutError",
-                        value=f"{TIMEOUT_TEXT} ({timeout:g} s) "
-                        f"Interrupting did not stop it. {STATE_LOST}",
-                    )
-                )
+                value += f" Interrupting did not stop it. {STATE_LOST}"
                 self._schedule_restart()
+            capture.replace_error(ErrorInfo(name="TimeoutError", value=value))
         elif capture.has_error or (reply is not None and reply["content"]["status"] == "error"):
             status = "error"
         if reply is not None and not idle and died is None and status != "timeout":
@@ -261,28 +239,27 @@ class KernelSession:
             if asyncio.iscoroutine(maybe):
                 await maybe
 
-    async def _drain(self, client, msg_id: str, capture: OutputCapture, on_event) -> None:
-        """Take what a dead kernel sent before it died and that is already queued here."""
-        with contextlib.suppress(Exception):
-            while True:
-                msg = await client.iopub_channel.get_msg(timeout=0.05)
-                if msg["parent_header"].get("msg_id") == msg_id:
-                    await self._take(msg, capture, on_event)
-
     async def run_hidden(self, code: str, timeout: float = 10.0) -> None:
         """Run set-up code silently (no history, no execution count, no output kept)."""
         async with self._lock:
             await self._ensure_kernel()
-            client = self.kernel.client
-            msg_id = client.execute(code, silent=True, store_history=False, allow_stdin=False)
-            deadline = asyncio.get_running_loop().time() + timeout
-            while True:
-                remaining = deadline - asyncio.get_running_loop().time()
-                reply = await client.shell_channel.get_msg(timeout=max(remaining, 0.001))
-                if reply["parent_header"].get("msg_id") == msg_id:
-                    if reply["content"]["status"] != "ok":
-                        raise RuntimeError(f"set-up code failed: {reply['content'].get('evalue')}")
-                    return
+            msg_id, queue = self.kernel.conn.send(
+                "execute_request", execute_content(code, silent=True)
+            )
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        msg = await queue.get()
+                        if msg is DIED:
+                            raise RuntimeError("the kernel died running set-up code")
+                        if msg["msg_type"] == "execute_reply":
+                            if msg["content"]["status"] != "ok":
+                                raise RuntimeError(
+                                    f"set-up code failed: {msg['content'].get('evalue')}"
+                                )
+                            return
+            finally:
+                self.kernel.conn.forget(msg_id)
 
     # -- control ---------------------------------------------------------------------------
 
@@ -323,6 +300,17 @@ class KernelSession:
             with contextlib.suppress(BaseException):
                 await self._restarting
         await self.kernel.shutdown()
+
+
+def execute_content(code: str, silent: bool = False) -> dict:
+    return {
+        "code": code,
+        "silent": silent,
+        "store_history": not silent,
+        "user_expressions": {},
+        "allow_stdin": False,  # input() raises at once instead of waiting for nobody
+        "stop_on_error": False,
+    }
 
 
 def _is_idle(msg: dict) -> bool:

@@ -40,5 +40,8 @@ def serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=10,
+        # Agents and RL workers keep connections open between calls; a 5 s keep-alive (the
+        # default) races their next request and shows up as a read error on their side.
+        timeout_keep_alive=75,
         log_level="info",
     )

@@ -30,6 +30,9 @@ class Limits:
     open_files: int | None = 1024
     # The working directory's size (Docker: tmpfs/quota; local: enforced by file_size only).
     disk_bytes: int | None = 1024**3
+    # Niceness added to kernels, so that user code never starves the service (HTTP, health
+    # checks, other sessions' messages) of CPU.
+    nice: int | None = 10
 
 
 @dataclass(frozen=True)

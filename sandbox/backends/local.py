@@ -98,7 +98,6 @@ class LocalKernel(KernelProcess):
         self.workdir = workdir
         self.runtime_dir = runtime_dir
         self.connection_info = info
-        self._ps = psutil.Process(proc.pid)
 
     @property
     def pid(self) -> int:
@@ -123,7 +122,7 @@ class LocalKernel(KernelProcess):
     async def kill(self) -> None:
         # Children that left the process group (setsid) are found through the process tree.
         try:
-            descendants = self._ps.children(recursive=True)
+            descendants = psutil.Process(self._proc.pid).children(recursive=True)
         except psutil.Error:
             descendants = []
         await self.send_signal(signal.SIGKILL)
@@ -154,7 +153,7 @@ class LocalKernel(KernelProcess):
 
     def memory_pss(self) -> int | None:
         try:
-            return self._ps.memory_full_info().pss
+            return psutil.Process(self._proc.pid).memory_full_info().pss
         except (psutil.Error, AttributeError):
             return None
 
@@ -195,6 +194,8 @@ class LocalBackend(KernelBackend):
         kenv["KERNELBOX_IMAGE_CAP"] = str(cfg.image_cap_bytes)
         if self.private_network:
             kenv["KERNELBOX_UNSHARE_NET"] = "1"
+        if cfg.limits.nice:
+            kenv["KERNELBOX_NICE"] = str(cfg.limits.nice)
         with open(runtime_dir / "kernel.log", "wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 self.python,

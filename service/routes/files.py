@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -35,9 +35,7 @@ async def list_files(
     root = _workdir(request, session_id, owner)
     found = await asyncio.to_thread(files.list_files, root)
     return [
-        FileEntry(
-            path=f.path, size=f.size, modified=datetime.fromtimestamp(f.modified, timezone.utc)
-        )
+        FileEntry(path=f.path, size=f.size, modified=datetime.fromtimestamp(f.modified, UTC))
         for f in found
     ]
 
@@ -67,7 +65,7 @@ async def put_file(
     if len(data) > limit:
         raise ApiError(413, "too_large", f"the file is {len(data)} bytes; the limit is {limit}")
     await asyncio.to_thread(files.write_file, root, path, data)
-    return FileEntry(path=path, size=len(data), modified=datetime.now(timezone.utc))
+    return FileEntry(path=path, size=len(data), modified=datetime.now(UTC))
 
 
 @router.get(
