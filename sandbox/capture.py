@@ -74,6 +74,7 @@ class OutputCapture:
     workdir: Path
     namer: ImageNamer
     limits: CaptureLimits = field(default_factory=CaptureLimits)
+    owner: files.Owner = None  # who the saved images must belong to (see KernelBackend)
 
     def __post_init__(self) -> None:
         self._items: list[_Item] = []
@@ -298,7 +299,7 @@ class OutputCapture:
         for _ in range(1000):  # skip numbers the code already used for its own files
             path = f"outputs/fig-{number:03d}.{ext}"
             try:
-                files.write_file(self.workdir, path, blob, exclusive=True)
+                files.write_file(self.workdir, path, blob, exclusive=True, owner=self.owner)
                 return path
             except FileExistsError:
                 number = self.namer.take()

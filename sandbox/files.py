@@ -46,14 +46,21 @@ def _refusal(exc: OSError, part: str) -> Exception:
     return exc
 
 
+Owner = tuple[int, int] | None
+
+
 @contextlib.contextmanager
-def _dir_fd(root: Path, parts: list[str], create: bool) -> Iterator[int]:
+def _dir_fd(root: Path, parts: list[str], create: bool, owner: Owner = None) -> Iterator[int]:
     fd = os.open(root, _DIR_FLAGS)
     try:
         for part in parts:
             if create:
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(part, 0o755, dir_fd=fd)
+                    if owner is not None:
+                        os.chown(part, *owner, dir_fd=fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
             try:
                 nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
@@ -65,18 +72,23 @@ def _dir_fd(root: Path, parts: list[str], create: bool) -> Iterator[int]:
         os.close(fd)
 
 
-def write_file(root: Path, path: str, data: bytes, *, exclusive: bool = False) -> None:
+def write_file(
+    root: Path, path: str, data: bytes, *, exclusive: bool = False, owner: Owner = None
+) -> None:
+    """Write `data` at `path` under `root`; new directories and the file get `owner`."""
     parts = split_relative(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     if exclusive:
         flags |= os.O_EXCL
-    with _dir_fd(root, parts[:-1], create=True) as dfd:
+    with _dir_fd(root, parts[:-1], create=True, owner=owner) as dfd:
         try:
             fd = os.open(parts[-1], flags, 0o644, dir_fd=dfd)
         except OSError as exc:
             if exc.errno == errno.EEXIST:
                 raise
             raise _refusal(exc, parts[-1]) from exc
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
 

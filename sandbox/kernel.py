@@ -20,6 +20,8 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,10 @@ class KernelConnection:
     """Shell and IOPub sockets to one kernel; messages dispatched by parent msg_id."""
 
     def __init__(self, info: dict[str, Any]) -> None:
+        for port in (info["shell_port"], info["iopub_port"]):
+            path = f"{info['ip']}-{port}"
+            if info["transport"] == "ipc" and not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise KernelStartError(f"{path} is not a socket")
         self.session = Session(
             key=info["key"].encode(),
             signature_scheme=info["signature_scheme"],
@@ -62,6 +68,9 @@ class KernelConnection:
         sock = ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        # Never reconnect: the kernel can write its runtime directory, and a reconnect would
+        # follow whatever it put at the socket's path (another session's kernel, say).
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)
         sock.connect(f"{info['transport']}://{info['ip']}-{port}")
         return sock
 
@@ -130,9 +139,9 @@ class Kernel:
 
     def __init__(self, proc: KernelProcess) -> None:
         self.proc = proc
-        self.conn = KernelConnection(proc.connection_info)
+        self.conn: KernelConnection | None = None  # made once the kernel's sockets exist
         self.death: asyncio.Task[ExitInfo] = asyncio.get_running_loop().create_task(proc.wait())
-        self.death.add_done_callback(lambda _: self.conn.broadcast(DIED))
+        self.death.add_done_callback(lambda _: self.conn and self.conn.broadcast(DIED))
 
     @classmethod
     async def start(
@@ -160,35 +169,47 @@ class Kernel:
     async def _wait_ready(self, timeout: float) -> None:
         """Ready means: the shell answers *and* IOPub is subscribed.
 
-        PUB/SUB drops messages until the subscription reaches the kernel, so a kernel_info
-        reply alone would let the first execution's output vanish. kernel_info is repeated
-        until its own status message comes back on IOPub.
+        The connection is made once the kernel has bound its sockets (ZMQ must not reconnect,
+        see KernelConnection), and made again if the first attempt came too early. PUB/SUB
+        drops messages until the subscription reaches the kernel, so a kernel_info reply alone
+        would let the first execution's output vanish: kernel_info is repeated until its own
+        status message comes back on IOPub.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        info = self.proc.connection_info
+        sockets = [Path(f"{info['ip']}-{info[p]}") for p in ("shell_port", "iopub_port")]
+        connected_at = 0.0
         while True:
+            if loop.time() > deadline:
+                raise KernelStartError(
+                    f"the kernel did not answer within {timeout:.0f} s; "
+                    f"its log ends with: {self.proc.log_tail()!r}"
+                )
+            if not self.alive:
+                raise KernelStartError(
+                    f"the kernel {self.death.result().reason} during start-up; "
+                    f"its log ends with: {self.proc.log_tail()!r}"
+                )
+            if self.conn is None or loop.time() - connected_at > 2.0:
+                if not all(s.exists() for s in sockets):
+                    await asyncio.sleep(0.02)
+                    continue
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = KernelConnection(info)
+                connected_at = loop.time()
             msg_id, queue = self.conn.send("kernel_info_request", {})
             try:
-                while True:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise KernelStartError(
-                            f"the kernel did not answer within {timeout:.0f} s; "
-                            f"its log ends with: {self.proc.log_tail()!r}"
-                        )
-                    try:
-                        async with asyncio.timeout(min(remaining, 0.25)):
-                            msg = await queue.get()
-                    except TimeoutError:
-                        break  # resend: the subscription may not have been there yet
-                    if msg is DIED:
-                        info = self.death.result()
-                        raise KernelStartError(
-                            f"the kernel {info.reason} during start-up; "
-                            f"its log ends with: {self.proc.log_tail()!r}"
-                        )
-                    if msg["msg_type"] == "status":
-                        return
+                async with asyncio.timeout(0.25):
+                    while True:
+                        msg = await queue.get()
+                        if msg is not DIED and msg["msg_type"] == "status":
+                            return
+                        if msg is DIED:
+                            break
+            except TimeoutError:
+                pass  # ask again: the subscription may not have been there yet
             finally:
                 self.conn.forget(msg_id)
 
@@ -201,7 +222,8 @@ class Kernel:
         try:
             await self.proc.kill()
         finally:
-            self.conn.close()
+            if self.conn is not None:
+                self.conn.close()
             await self.proc.cleanup()
             if not self.death.done():
                 self.death.cancel()

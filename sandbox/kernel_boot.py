@@ -195,7 +195,9 @@ def _use_cjk_fallback_fonts() -> None:
     present = {f.name for f in font_manager.fontManager.ttflist}
     found = [name for name in wanted if name in present]
     if found:
-        rcParams["font.sans-serif"] = [*rcParams["font.sans-serif"][:1], *found]
+        # A list of families gives per-glyph fallback: Latin from the default sans-serif font,
+        # CJK from the first of `found` that has the glyph.
+        rcParams["font.family"] = ["sans-serif", *found]
         rcParams["axes.unicode_minus"] = False
 
 
@@ -240,6 +242,12 @@ def main(argv: list[str]) -> None:
             )
 
     shell.events.register("post_run_cell", flush_tails)
+    # A child the code forked (and did not end) would return into this kernel's loop and
+    # share its sockets with it: a second kernel answering on the same channels.
+    kernel_pid = os.getpid()
+    shell.events.register(
+        "post_run_cell", lambda *_: os._exit(0) if os.getpid() != kernel_pid else None
+    )
     install_display_caps(shell, output_cap, image_cap)
     app.kernel._no_raw_input = _no_input  # input() with allow_stdin=False
     preload(shell)

@@ -25,6 +25,7 @@ from typing import Any
 
 from kernelbox.models import ErrorInfo, Execution
 
+from . import quota
 from .backends.base import ExitInfo, KernelBackend
 from .capture import CaptureLimits, ImageNamer, OutputCapture
 from .errors import SessionBusy, SessionClosed
@@ -77,6 +78,7 @@ class KernelSession:
         self.env = env or {}
         self.kernel = kernel
         self.namer = ImageNamer.for_workdir(workdir)
+        self.disk = quota.DiskUsage()
         self.execution_count = 0
         self._lock = asyncio.Lock()
         self._restarting: asyncio.Task[None] | None = None
@@ -152,11 +154,25 @@ class KernelSession:
 
     async def _run(self, code: str, timeout: float, on_event: OnEvent | None) -> Execution:
         kernel = self.kernel
-        capture = OutputCapture(self.workdir, self.namer, self.options.capture)
+        capture = OutputCapture(
+            self.workdir, self.namer, self.options.capture, owner=self.backend.file_owner
+        )
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + timeout
         msg_id, queue = kernel.conn.send("execute_request", execute_content(code))
+        over_quota: list[int] = []
+
+        async def stop_for_quota(size: int) -> None:
+            over_quota.append(size)
+            await kernel.proc.send_signal(signal.SIGINT)
+
+        disk_limit = self.backend.config.limits.disk_bytes
+        watchdog = (
+            loop.create_task(quota.watch(self.workdir, disk_limit, self.disk, stop_for_quota))
+            if disk_limit
+            else None
+        )
 
         status = "ok"
         reply: dict | None = None
@@ -196,6 +212,8 @@ class KernelSession:
                 await self._take(msg, capture, on_event)
         finally:
             kernel.conn.forget(msg_id)
+            if watchdog is not None:
+                watchdog.cancel()
 
         duration_ms = (loop.time() - started) * 1000
         count = reply["content"].get("execution_count") if reply else None
@@ -221,6 +239,15 @@ class KernelSession:
                 value += f" Interrupting did not stop it. {STATE_LOST}"
                 self._schedule_restart()
             capture.replace_error(ErrorInfo(name="TimeoutError", value=value))
+        elif over_quota:
+            status = "error"
+            capture.replace_error(
+                ErrorInfo(
+                    name="DiskQuotaExceeded",
+                    value=f"The working directory holds {over_quota[0]} bytes, over its limit "
+                    f"of {disk_limit} bytes; the code was interrupted. Delete files to go on.",
+                )
+            )
         elif capture.has_error or (reply is not None and reply["content"]["status"] == "error"):
             status = "error"
         if reply is not None and not idle and died is None and status != "timeout":

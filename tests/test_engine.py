@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sandbox.backends.base import KernelConfig, Limits
 from sandbox.backends.local import LocalBackend
 from sandbox.errors import SessionBusy
 from sandbox.session import KernelSession, SessionOptions
+from tests.conftest import make_backend
 
 
 @pytest.fixture(scope="session")
@@ -318,3 +321,31 @@ async def test_local_backend_limits_and_network(tmp_path_factory):
     assert int(as_limit) == 2 * 1024**3
     assert int(fsize) == 1024**3
     assert "blocked" in result.stdout  # this machine allows a private network namespace
+
+
+async def test_filling_the_disk_stops_at_the_quota(backend_name, tmp_path_factory):
+    limits = dataclasses.replace(Limits(), disk_bytes=50 * 1024**2)
+    quota_backend = make_backend(backend_name, KernelConfig(limits=limits))
+    session = await KernelSession.start(quota_backend, _workdir(tmp_path_factory))
+    try:
+        code = (
+            "import os, time\n"
+            "chunk = b'x' * 1024**2\n"
+            "i = 0\n"
+            "while True:\n"
+            "    with open(f'fill-{i}.bin', 'wb') as f:\n"
+            "        f.write(chunk * 4)\n"
+            "    i += 1\n"
+            "    time.sleep(0.01)"
+        )
+        result = await session.execute(code, timeout=30)
+        assert result.status == "error", result
+        assert result.error.name == "DiskQuotaExceeded"
+        assert result.duration_ms < 10_000
+        cleanup = await session.execute(
+            "import glob\nfor p in glob.glob('fill-*.bin'): os.remove(p)\nlen(glob.glob('fill-*'))"
+        )
+        assert cleanup.status == "ok" and cleanup.results[0].data["text/plain"] == "0"
+    finally:
+        await session.close()
+        await quota_backend.close()

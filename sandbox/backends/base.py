@@ -97,6 +97,9 @@ class KernelBackend(abc.ABC):
     """Starts kernels. One instance per service; it owns every kernel it started."""
 
     name: str = "abstract"
+    #: (uid, gid) that files the service writes into a working directory must belong to, so
+    #: the kernel can change them; None when the kernel runs as the service's own user.
+    file_owner: tuple[int, int] | None = None
 
     def __init__(self, config: KernelConfig | None = None) -> None:
         self.config = config or KernelConfig()

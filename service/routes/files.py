@@ -28,6 +28,10 @@ def _workdir(request: Request, session_id: str, owner: str):
     return manager(request).get(session_id, owner).session.workdir
 
 
+def _file_owner(request: Request):
+    return manager(request).pool.backend.file_owner
+
+
 @router.get("", response_model=list[FileEntry], responses=ERRORS)
 async def list_files(
     session_id: str, request: Request, owner: str = Depends(require_owner)
@@ -64,7 +68,7 @@ async def put_file(
     limit = request.app.state.settings.max_file_bytes
     if len(data) > limit:
         raise ApiError(413, "too_large", f"the file is {len(data)} bytes; the limit is {limit}")
-    await asyncio.to_thread(files.write_file, root, path, data)
+    await asyncio.to_thread(files.write_file, root, path, data, owner=_file_owner(request))
     return FileEntry(path=path, size=len(data), modified=datetime.now(UTC))
 
 
