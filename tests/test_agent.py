@@ -1,0 +1,319 @@
+"""The agent loop against a scripted OpenAI-compatible model and a real kernelbox service.
+
+For each dialect the test checks the exact prompt the model receives after a tool call: the
+previous prompt, plus what the model wrote (cut at the stop string, as vLLM does), plus the
+inserted text, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernelbox import AsyncClient
+from kernelbox.agent import (
+    Agent,
+    AgentConfig,
+    ChatML,
+    CodeEvent,
+    FinalEvent,
+    ModelConfig,
+    OutputEvent,
+    TextEvent,
+    get_dialect,
+)
+from tests.scripted_llm import scripted_model
+from tests.server import running_server
+
+QUESTION = "What is 6 * 7?"
+
+
+@pytest.fixture(scope="module")
+def service():
+    with running_server(min_idle=2) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def session(service):
+    async with AsyncClient(service.url) as client:
+        async with await client.create_session() as s:
+            yield s
+
+
+def hermes_call(code: str) -> str:
+    args = json.dumps({"name": "code_interpreter", "arguments": {"code": code}})
+    return f"<tool_call>\n{args}\n</tool_call>"
+
+
+async def run(model, session, **config):
+    agent = Agent(ModelConfig(base_url=model.url, model="scripted"), session, AgentConfig(**config))
+    try:
+        return await agent.run(QUESTION)
+    finally:
+        await agent.model.aclose()
+
+
+def stdout_block(text: str) -> str:
+    return f"stdout:\n\n```\n{text}\n```"
+
+
+# -- each dialect: the prompt after a tool call, byte for byte ------------------------------
+
+
+async def test_hermes_inserts_tool_response_inside_think_and_keeps_variables(session):
+    first = "<think>\nI will compute it.\n" + hermes_call("x = 6 * 7\nprint(x)") + "\nIGNORED"
+    second = "x is 42; check once more.\n" + hermes_call("print(x + 1)")
+    third = "</think>\n\nThe answer is 42."
+    with scripted_model([first, second, third]) as model:
+        result = await run(model, session, dialect="hermes")
+    p0, p1, p2 = model.prompts
+    assert p0 == ChatML().render(get_dialect("hermes").system_prompt(None), QUESTION)
+    assert "<tools>\n" in p0 and '"name": "code_interpreter"' in p0
+    cut1 = first.split("</tool_call>")[0]
+    assert p1 == p0 + cut1 + "</tool_call>\n<tool_response>\n" + stdout_block("42\n") + (
+        "\n</tool_response>\n"
+    )
+    cut2 = second.split("</tool_call>")[0]
+    assert p2 == p1 + cut2 + "</tool_call>\n<tool_response>\n" + stdout_block("43\n") + (
+        "\n</tool_response>\n"
+    )
+    assert [r["stop"] for r in model.requests] == [["</tool_call>"]] * 3
+    assert result.answer == "The answer is 42."
+    assert result.transcript == p2[len(p0) :] + third
+    assert [s.code for s in result.steps] == ["x = 6 * 7\nprint(x)", "print(x + 1)"]
+    assert result.tool_calls == 2
+
+
+async def test_tir_inserts_an_output_block(session):
+    first = "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```\n```output\nhallucinated\n```"
+    second = "The answer is \\boxed{42}."
+    with scripted_model([first, second]) as model:
+        result = await run(model, session, dialect="tir")
+    p0, p1 = model.prompts
+    assert "Please integrate natural language reasoning with programs" in p0
+    assert p1 == p0 + "Let me compute.\n```python\nx = 6 * 7\nprint(x)\n```\n" + (
+        "```output\n42\n```\n"
+    )
+    assert model.requests[0]["stop"] == ["```output"]
+    assert result.answer == "The answer is \\boxed{42}."
+
+
+async def test_react_inserts_an_observation(session):
+    first = (
+        "Thought: I should run code.\nAction: code_interpreter\n"
+        'Action Input: {"code": "print(6 * 7)"}\nObservation: made up'
+    )
+    second = "Answer: 42"
+    with scripted_model([first, second]) as model:
+        result = await run(model, session, dialect="react")
+    p0, p1 = model.prompts
+    assert "Action Input: Tool input" in p0
+    cut = first.split("Observation:")[0]
+    assert p1 == p0 + cut + "Observation: <result>" + stdout_block("42\n") + "</result>\n"
+    assert result.answer == "42"
+
+
+async def test_qwen_fn_inserts_result_and_return(session):
+    first = "✿FUNCTION✿: code_interpreter\n✿ARGS✿: ```py\nprint(6 * 7)\n```\n✿RESULT✿: made up"
+    second = ": The answer is 42."
+    with scripted_model([first, second]) as model:
+        result = await run(model, session, dialect="qwen_fn")
+    p0, p1 = model.prompts
+    assert "✿FUNCTION✿: The tool to use" in p0
+    cut = first.split("✿RESULT✿")[0]
+    assert p1 == p0 + cut + "✿RESULT✿: " + stdout_block("42\n") + "\n✿RETURN✿"
+    assert model.requests[0]["stop"] == ["✿RESULT✿", "✿RETURN✿"]
+    assert result.answer == "The answer is 42."
+
+
+async def test_chat_dialect_uses_native_tool_messages(session):
+    def call(i: int, code: str) -> dict:
+        arguments = json.dumps({"code": code})
+        return {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": "code_interpreter", "arguments": arguments},
+        }
+
+    script = [
+        {"tool_calls": [call(1, "x = 5")]},
+        {"tool_calls": [call(2, "x * 2")]},
+        {"content": "It is 10."},
+    ]
+    with scripted_model(messages=script) as model:
+        result = await run(model, session, dialect="chat")
+    second, third = model.requests[1]["messages"], model.requests[2]["messages"]
+    assert model.requests[0]["tools"][0]["function"]["name"] == "code_interpreter"
+    assert second[-1] == {
+        "role": "tool",
+        "tool_call_id": "call_1",
+        "content": "Finished execution.",
+    }
+    assert third[-1] == {
+        "role": "tool",
+        "tool_call_id": "call_2",
+        "content": "execute_result:\n\n```\n10\n```",
+    }
+    assert third[-2]["tool_calls"][0]["id"] == "call_2"
+    assert result.answer == "It is 10."
+
+
+async def test_chat_continuation_mode_continues_the_final_assistant_message(session):
+    first = "<think>\n" + hermes_call("print(6 * 7)")
+    second = "</think>\n42"
+    with scripted_model([first, second]) as model:
+        result = await run(model, session, dialect="hermes", mode="chat")
+    body = model.requests[1]
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert body["messages"][-1]["role"] == "assistant"
+    assert body["messages"][-1]["content"] == first.split("</tool_call>")[0] + (
+        "</tool_call>\n<tool_response>\n" + stdout_block("42\n") + "\n</tool_response>\n"
+    )
+    assert result.answer == "42"
+
+
+# -- errors, limits, malformed calls ---------------------------------------------------------
+
+
+async def test_an_error_in_the_code_goes_back_to_the_model_and_the_loop_goes_on(session):
+    first = hermes_call("1 / 0")
+    second = "Division by zero; the answer is undefined."
+    with scripted_model([first, second]) as model:
+        result = await run(model, session, dialect="hermes")
+    assert "error:\n\n```\nZeroDivisionError: division by zero\n\n```" in model.prompts[1]
+    assert result.steps[0].execution.status == "error"
+    assert result.answer == second
+
+
+async def test_tool_call_limit_is_honoured(session):
+    texts = [hermes_call(f"print({i})") for i in range(3)] + ["done"]
+    with scripted_model(texts) as model:
+        result = await run(model, session, dialect="hermes", max_tool_calls=2)
+    assert result.tool_calls == 2
+    assert [s.code for s in result.steps] == ["print(0)", "print(1)"]
+    assert "Tool call limit reached (2)" in model.prompts[2]
+    assert "stop" not in model.requests[2]  # no more stops: the model must finish
+
+
+async def test_malformed_tool_calls_are_answered_with_an_observation(session):
+    bad_json = '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": "print(1)"\n'
+    unknown_tool = '<tool_call>\n{"name": "web_search", "arguments": {"q": "x"}}\n'
+    with scripted_model([bad_json, unknown_tool, "I give up."]) as model:
+        result = await run(model, session, dialect="hermes")
+    assert "InvalidToolCall: the tool call is not valid JSON" in model.prompts[1]
+    assert "unknown tool 'web_search'" in model.prompts[2]
+    assert [s.error is not None for s in result.steps] == [True, True]
+    assert result.answer == "I give up."
+
+
+async def test_code_variant_and_unclosed_tag_are_understood(session):
+    code_mode = (
+        '<tool_call>\n{"name": "code_interpreter", "arguments": {"code": ""}}\n'
+        "<code>\nprint('from code tags')\n</code>\n"
+    )
+    with scripted_model([code_mode, "ok"]) as model:
+        result = await run(model, session, dialect="hermes")
+    assert result.steps[0].code == "print('from code tags')"
+    assert "from code tags" in model.prompts[1]
+    action_form = '<tool_call>\n{"action": "code_interpreter", "action_input": "print(7)"}'
+    with scripted_model([action_form, "seven"]) as model:  # model ended without </tool_call>
+        result = await run(model, session, dialect="hermes")
+    assert result.steps[0].code == "print(7)"
+    assert model.prompts[1].endswith(
+        "</tool_call>\n<tool_response>\n" + stdout_block("7\n") + "\n</tool_response>\n"
+    )
+
+
+# -- delegate: two models -------------------------------------------------------------------
+
+
+async def test_delegate_two_models(session):
+    request = json.dumps({"name": "compute", "arguments": {"request": "Print 6 times 7."}})
+    ask = f"<tool_call>\n{request}\n</tool_call>"
+    with (
+        scripted_model([ask, "So it is 42."]) as reasoner,
+        scripted_model(["```python\nprint(6 * 7)\n```"]) as coder,
+    ):
+        agent = Agent(
+            ModelConfig(base_url=reasoner.url, model="reasoner"),
+            session,
+            AgentConfig(dialect="delegate"),
+            coder=ModelConfig(base_url=coder.url, model="coder"),
+        )
+        result = await agent.run(QUESTION)
+    assert '"name": "compute"' in reasoner.prompts[0]
+    coder_messages = coder.requests[0]["messages"]
+    assert coder_messages[-1] == {"role": "user", "content": "Print 6 times 7."}
+    assert reasoner.prompts[1].endswith(
+        "</tool_call>\n<tool_response>\n# code\nprint(6 * 7)\n# output\n"
+        + stdout_block("42\n")
+        + "\n</tool_response>\n"
+    )
+    assert result.steps[0].request == "Print 6 times 7." and result.steps[0].code == "print(6 * 7)"
+    assert result.answer == "So it is 42."
+
+
+# -- streaming events and the CLI ------------------------------------------------------------
+
+
+async def test_events_stream_thinking_code_output_final(session):
+    first = "<think>\nhmm\n" + hermes_call("print(6 * 7)")
+    with scripted_model([first, "</think>\n42"]) as model:
+        agent = Agent(ModelConfig(base_url=model.url, model="m"), session, AgentConfig())
+        events = [e async for e in agent.stream(QUESTION)]
+        await agent.model.aclose()
+    kinds = [e.kind for e in events]
+    assert kinds.index("code") < kinds.index("output") < kinds.index("final") == len(kinds) - 1
+    texts = [e for e in events if isinstance(e, TextEvent)]
+    assert any(e.thinking and "hmm" in e.text for e in texts)
+    assert any(not e.thinking and "42" in e.text for e in texts)
+    code = next(e for e in events if isinstance(e, CodeEvent))
+    output = next(e for e in events if isinstance(e, OutputEvent))
+    assert code.code == "print(6 * 7)" and output.execution.stdout == "42\n"
+    assert isinstance(events[-1], FinalEvent) and events[-1].result.answer == "42"
+
+
+def _cli(service, model, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KERNELBOX_URL": service.url, "NO_COLOR": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kernelbox.cli",
+            "agent",
+            QUESTION,
+            "--base-url",
+            model.url,
+            "--model",
+            "m",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_cli_shows_the_loop_and_json_mode(service):
+    plot = "plt.plot([1, 2]); plt.show(); print(6 * 7)"
+    with scripted_model(["Let me see.\n" + hermes_call(plot), "It is 42."]) as model:
+        shown = _cli(service, model, "--dialect", "hermes")
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "Let me see." in out
+    assert "code #1" in out and "plt.plot([1, 2])" in out
+    assert "output #1" in out and "42" in out
+    assert "image saved: outputs/fig-001.png" in out
+    assert "It is 42." in out
+    with scripted_model(["```python\nprint(6 * 7)\n```", "\\boxed{42}"]) as model:
+        as_json = _cli(service, model, "--dialect", "tir", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    payload = json.loads(as_json.stdout)
+    assert payload["answer"] == "\\boxed{42}"
+    assert payload["steps"][0]["execution"]["stdout"] == "42\n"
