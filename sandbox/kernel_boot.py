@@ -12,6 +12,7 @@ Configuration comes from environment variables, removed from the environment onc
     KERNELBOX_IMAGE_CAP     bytes (decoded) of one image in a display; larger ones are replaced
     KERNELBOX_UMASK         octal umask for everything the kernel creates (sockets included)
     KERNELBOX_NICE          added niceness: user code yields the CPU to the service itself
+    KERNELBOX_PARENT_PID    die with this process (the service), however it ends
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def apply_rlimits(spec: dict[str, int]) -> None:
         _soft, hard = resource.getrlimit(which)
         new_hard = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (min(value, new_hard), new_hard))
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """A service killed with SIGKILL cannot stop its kernels; the kernel stops itself."""
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, 9)  # SIGKILL when the parent goes
+    if os.getppid() != parent_pid:  # it went before we asked
+        os._exit(1)
 
 
 def unshare_network() -> bool:
@@ -207,6 +217,9 @@ def main(argv: list[str]) -> None:
     output_cap = int(_pop_env("KERNELBOX_OUTPUT_CAP") or 200_000)
     image_cap = int(_pop_env("KERNELBOX_IMAGE_CAP") or 8 * 1024**2)
     umask = _pop_env("KERNELBOX_UMASK")
+    parent = _pop_env("KERNELBOX_PARENT_PID")
+    if parent:
+        die_with_parent(int(parent))
     nice = _pop_env("KERNELBOX_NICE")
     if nice:
         os.nice(int(nice))

@@ -66,7 +66,10 @@ def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServe
 def _wait_for_warm(url: str, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body = httpx.get(f"{url}/readyz").json()
+        try:
+            body = httpx.get(f"{url}/readyz").json()
+        except httpx.TransportError:  # not listening yet
+            body = {}
         if body.get("idle_kernels", 0) >= n:
             return
         time.sleep(0.1)

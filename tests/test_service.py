@@ -492,3 +492,40 @@ async def test_backend_that_cannot_start_kernels_gives_503_not_a_hang(tmp_path):
             assert "Retry-After" in response.headers
             await asyncio.sleep(0.5)
             assert (await c.get("/readyz")).status_code == 503
+
+
+def test_kernels_die_with_a_killed_service(tmp_path):
+    """SIGKILL gives the service no chance to stop its kernels; they stop themselves."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.server import _wait_for_warm, free_port
+
+    port = free_port()
+    env = {**os.environ, "KERNELBOX_MIN_IDLE": "2", "KERNELBOX_DATA_DIR": str(tmp_path)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kernelbox.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_warm(f"http://127.0.0.1:{port}", 2)
+        httpx.post(f"http://127.0.0.1:{port}/v1/sessions", json={}).raise_for_status()
+        kernels = [
+            p
+            for p in psutil.Process(server.pid).children(recursive=True)
+            if any("kernel_boot.py" in part for part in p.cmdline())
+        ]
+        assert len(kernels) >= 2
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=10)
+        _, alive = psutil.wait_procs(kernels, timeout=10)
+        assert alive == [], f"kernels outlived their service: {[p.pid for p in alive]}"
+    finally:
+        if server.poll() is None:
+            server.kill()

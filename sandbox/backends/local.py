@@ -196,6 +196,7 @@ class LocalBackend(KernelBackend):
             kenv["KERNELBOX_UNSHARE_NET"] = "1"
         if cfg.limits.nice:
             kenv["KERNELBOX_NICE"] = str(cfg.limits.nice)
+        kenv["KERNELBOX_PARENT_PID"] = str(os.getpid())
         with open(runtime_dir / "kernel.log", "wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 self.python,
