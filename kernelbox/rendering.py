@@ -1,0 +1,48 @@
+"""Render an `Execution` for a model locally, with the very code the service uses.
+
+`sandbox.render` is pure (stdlib and the wire models), so importing it pulls in nothing of
+the engine. It is imported when first used: `sandbox.render` imports `kernelbox.models`, and
+the service imports it before `kernelbox`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .models import Envelope, Execution, Format, RenderOptions, Style, render_options
+
+
+def render(
+    execution: Execution,
+    format: Format | None = None,
+    *,
+    style: Style | None = None,
+    envelope: Envelope | None = None,
+    multimodal: bool | None = None,
+    max_chars: int | None = None,
+    tool_call_id: str | None = None,
+) -> str | dict[str, Any]:
+    """The model-ready rendering of `execution`, without a round trip to the service.
+
+    `format` is what the HTTP API takes (a style, an envelope, or `RenderOptions`); the
+    keywords override parts of it. An envelope named alone gets its natural style, as in the
+    API. Text envelopes give a `str`; `openai` and `function` give the message dict.
+
+        render(execution)                                  # qwen body, as text
+        render(execution, "plain")                         # the RL-prompt body
+        render(execution, envelope="tool_response")        # <tool_response>...</tool_response>
+        render(execution, "openai", tool_call_id=call.id)  # {"role": "tool", ...}
+    """
+    from sandbox.render import render_message
+
+    options = render_options(format if format is not None else envelope)
+    overrides = {
+        "style": style,
+        "envelope": envelope,
+        "multimodal": multimodal,
+        "max_chars": max_chars,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        options = RenderOptions.model_validate({**options.model_dump(), **overrides})
+    return render_message(execution, options, tool_call_id=tool_call_id)
