@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _exec
+
 
 def _serve(args: argparse.Namespace) -> int:
     try:
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=["local", "docker"], help="where kernels run")
     serve.add_argument("--api-key", help="require this key (comma-separate several)")
     serve.set_defaults(func=_serve)
+
+    _exec.add_parser(commands)
     return parser
 
 
