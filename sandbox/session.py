@@ -28,7 +28,7 @@ from kernelbox.models import ErrorInfo, Execution
 from . import quota
 from .backends.base import ExitInfo, KernelBackend
 from .capture import CaptureLimits, ImageNamer, OutputCapture
-from .errors import SessionBusy, SessionClosed
+from .errors import KernelStartError, SessionBusy, SessionClosed
 from .kernel import DIED, Kernel
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,6 @@ class KernelSession:
         self._lock = asyncio.Lock()
         self._restarting: asyncio.Task[None] | None = None
         self._closed = False
-        # Set when the kernel died between executions: the next result must say so.
-        self._unreported_restart = False
 
     @classmethod
     async def start(
@@ -140,17 +138,23 @@ class KernelSession:
     async def _ensure_kernel(self) -> bool:
         """Wait out a restart in progress; replace a kernel that died while idle.
 
-        Returns True when the state was lost since the last reported result.
+        Returns True when state was lost that no earlier result reported (a death between
+        executions). A failed restart is tried once more here, and raises if it fails again.
         """
         if self._restarting is not None:
-            await self._restarting  # raises KernelStartError if the restart failed
-        if not self.kernel.alive:
-            info = self.kernel.death.result()
-            log.info("session %s: kernel %s while idle; restarting", self.id, info.reason)
-            self._unreported_restart = True
-            await self._restart_now()
-        lost, self._unreported_restart = self._unreported_restart, False
-        return lost
+            task, self._restarting = self._restarting, None
+            try:
+                await task
+            except KernelStartError as exc:
+                log.warning("session %s: restart failed (%s); trying again", self.id, exc)
+                await self._restart_now()
+                return False  # the execution that caused the restart reported it
+        if self.kernel.alive:
+            return False
+        info = self.kernel.death.result()
+        log.info("session %s: kernel %s while idle; restarting", self.id, info.reason)
+        await self._restart_now()
+        return True
 
     async def _run(self, code: str, timeout: float, on_event: OnEvent | None) -> Execution:
         kernel = self.kernel
@@ -301,16 +305,13 @@ class KernelSession:
         """Fresh kernel, same working directory. Running code (if any) ends as `died`."""
         if self._closed:
             raise SessionClosed(f"session {self.id} is closed")
-        if self._restarting is not None and not self._restarting.done():
-            await self._restarting
-            return
-        self._schedule_restart()
-        assert self._restarting is not None
-        await self._restarting
+        await self._schedule_restart()
 
-    def _schedule_restart(self) -> None:
+    def _schedule_restart(self) -> asyncio.Task[None]:
+        """Start a restart unless one is under way; either way, the task doing it."""
         if self._restarting is None or self._restarting.done():
             self._restarting = asyncio.get_running_loop().create_task(self._restart_now())
+        return self._restarting
 
     async def _restart_now(self) -> None:
         old = self.kernel
