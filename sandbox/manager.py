@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -171,6 +172,13 @@ class SessionManager:
         self, code: str, timeout: float | None = None, on_event: OnEvent | None = None
     ) -> Execution:
         """Stateless: a fresh warm kernel, used once and discarded."""
+        async with self.throwaway() as session:
+            return await session.execute(code, timeout, on_event)
+
+    @contextlib.asynccontextmanager
+    async def throwaway(self) -> AsyncIterator[KernelSession]:
+        """A session on a fresh warm kernel, for one caller only; discarded (kernel and
+        files) on exit, while the pool starts a replacement. Counts against max_sessions."""
         await self._take_slot()
         try:
             warm = await self.pool.acquire()
@@ -178,7 +186,7 @@ class SessionManager:
                 self.pool.backend, warm.kernel, warm.workdir, options=self.options.session
             )
             try:
-                return await session.execute(code, timeout, on_event)
+                yield session
             finally:
                 await session.close()
                 shutil.rmtree(warm.workdir.parent, ignore_errors=True)
