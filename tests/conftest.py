@@ -79,12 +79,16 @@ def workdir():
         yield path
 
 
+BOOT_SCRIPTS = ("kernel_boot.py", "forkserver_boot.py")
+
+
 def _our_kernels() -> list[psutil.Process]:
     me = psutil.Process()
     found = []
     for proc in me.children(recursive=True):
         try:
-            if any("kernel_boot.py" in part for part in proc.cmdline()):
+            # Fork-server templates (and the runs they fork) count as kernels here.
+            if any(s in part for part in proc.cmdline() for s in BOOT_SCRIPTS):
                 found.append(proc)
         except psutil.Error:
             continue

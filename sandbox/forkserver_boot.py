@@ -1,0 +1,763 @@
+"""Fork-server template: runs *inside* the sandbox and forks one child per stateless run.
+
+Standalone on purpose, like kernel_boot.py next to it (stdlib + that file only): the Docker
+image copies both into /opt/kernelbox. Usage:
+
+    python forkserver_boot.py --socket PATH --runs DIR [--uid-base N --slots N]
+
+The template imports the data stack once (nothing that holds threads, sockets or event loops:
+the loop below is `selectors`, never asyncio, whose running-loop state a child would inherit),
+freezes its heap for the GC, then serves requests on a unix socket. One connection per run:
+
+    service -> template   4-byte big-endian length + JSON header {"op": "run", "timeout": s,
+                          "fetch": bool, "memory": bytes|null}, sent with SCM_RIGHTS carrying
+                          [request, stdin, stdout, stderr, result]: two memfds the service
+                          filled (the request JSON {code, files, fetch_files}; stdin), the
+                          write ends of two pipes, and an empty memfd for what comes back.
+    template -> service   one JSON line when the run is over: {"exit": code|null,
+                          "signal": n|null, "timeout": bool, "elapsed": s}
+
+The template never reads a run's code, files or output: the child reads its request memfd and
+a fetch helper writes the fetched files into the result memfd. So the template's memory, which
+every later child inherits, holds nothing of any run.
+
+Each child: its own session (killed as a group), its own empty 0700 working directory, a
+scrubbed environment, rlimits, umask 077, stdin/stdout/stderr from the request, then the code
+runs as `__main__` the way `python file.py` runs it (return code 1 and the traceback on stderr
+for an uncaught exception; SystemExit honoured). With `--uid-base` (the Docker backend, where
+the template is root in its container with only the capabilities it needs) every concurrent
+run also gets its own uid and gid from a range, so runs cannot signal, trace or read each
+other; the template sweeps what a run left in the shared temporary directories.
+
+At the deadline the child's process group is killed; when a run ends, whatever it left behind
+is killed too: the template is a child subreaper, so orphans of a run become its children and
+are found by uid (Docker) or session (local).
+
+Configuration from the environment (removed once read):
+    KERNELBOX_RLIMITS       JSON rlimits for every child (see kernel_boot.apply_rlimits)
+    KERNELBOX_NPROC         per-run process limit (only with per-run uids)
+    KERNELBOX_NICE          niceness added to every child (not the template: every run waits
+                            for its fork, so it must not queue behind the runs' code)
+    KERNELBOX_UNSHARE_NET   "1": the template (and so every child) leaves the host network
+    KERNELBOX_PRELOAD       comma-separated modules imported once by the template
+    KERNELBOX_SWEEP         colon-separated shared directories cleaned of a run's files
+    KERNELBOX_FETCH_CAP     bytes of fetched files returned per run at most
+    KERNELBOX_PARENT_PID    the template dies with this process (see kernel_boot.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import binascii
+import ctypes
+import gc
+import hashlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+from kernel_boot import apply_rlimits, unshare_network
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+HEADER_MAX = 64 * 1024
+N_FDS = 5  # request, stdin, stdout, stderr, result
+#: exit code of a child whose set-up failed (its reason is in the result memfd, after "E")
+SETUP_FAILED = 255
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+# Reported to the service, which warns when an image holds another version of this file.
+with open(__file__, "rb") as _f:
+    BOOT_SHA = hashlib.sha256(_f.read()).hexdigest()
+
+
+def _log(message: str) -> None:
+    print(f"kernelbox-forkserver: {message}", file=sys.stderr, flush=True)
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+def _random_name(n: int = 8) -> str:
+    # tempfile's alphabet and length, so working directories and code files look the same as
+    # SandboxFusion's (/tmp/tmpk3j_x0a1/tmpa8d9f2ew.py).
+    return "".join(_NAME_CHARS[b % len(_NAME_CHARS)] for b in os.urandom(n))
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def safe_relative(path: str) -> str:
+    """A plain relative path inside the working directory (the service checks it first)."""
+    if not path or "\x00" in path or path.startswith(("/", "~")):
+        raise ValueError(f"not a relative path: {path!r}")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError(f"not a path inside the working directory: {path!r}")
+    return "/".join(parts)
+
+
+@dataclass
+class Config:
+    runs_dir: str
+    uid_base: int | None
+    slots: int
+    rlimits: dict[str, int]
+    nproc: int | None
+    nice: int
+    sweep_dirs: list[str]
+    fetch_cap: int
+
+
+@dataclass
+class Run:
+    conn: socket.socket
+    pid: int
+    uid: int | None
+    workdir: str
+    started: float
+    deadline: float
+    req_fd: int
+    result_fd: int
+    fetch: bool
+    timed_out: bool = False
+    status: int | None = None  # raw wait status of the child
+    elapsed: float = 0.0
+    helper: int | None = None
+    helper_deadline: float = 0.0
+
+
+@dataclass
+class Pending:
+    conn: socket.socket
+    buf: bytearray = field(default_factory=bytearray)
+    fds: list[int] = field(default_factory=list)
+
+
+# -- the child ---------------------------------------------------------------------------------
+
+
+def _become(uid: int | None) -> None:
+    """Session of its own; with a uid, drop every privilege for good (no capabilities left)."""
+    os.setsid()
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        # A uid change makes the process non-dumpable: /proc/self would belong to root and
+        # the code could not even list its own fds. Other uids still cannot trace it.
+        _prctl(PR_SET_DUMPABLE, 1)
+    # Set after the uid change (which clears it): the run dies with the template.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _reset_signals() -> None:
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as the interpreter sets it at start
+
+
+def _close_fds_except(keep: int) -> None:
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 20)
+
+
+def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], memory: int | None):
+    """Runs in the forked child; never returns."""
+    req_fd, stdin_fd, out_fd, err_fd, result_fd = fds
+    try:
+        _reset_signals()
+        _become(run_uid)
+        request = json.loads(_read_all(req_fd))
+        os.dup2(stdin_fd, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        _close_fds_except(result_fd)
+        os.umask(0o077)
+        os.mkdir(workdir, 0o700)
+        os.chdir(workdir)
+        for rel, content in request.get("files", {}).items():
+            rel = safe_relative(rel)
+            parent = os.path.dirname(rel)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            _write_file(rel, binascii.a2b_base64(content))
+        script = os.path.join(workdir, f"tmp{_random_name()}.py")
+        _write_file(script, request["code"].encode("utf-8", "surrogatepass"))
+        # The rest of the environment is the template's (see main): set, not rebuilt, as
+        # every page a child writes is a page copied.
+        os.environ.update(HOME=workdir, TMPDIR=workdir, PWD=workdir)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")  # when memory runs out, a run goes first, never the template
+        except OSError:
+            pass
+        rlimits = dict(cfg.rlimits)
+        if memory:
+            rlimits["AS"] = min(memory, rlimits.get("AS", memory))
+        if cfg.nproc and run_uid is not None:
+            rlimits["NPROC"] = cfg.nproc
+        apply_rlimits(rlimits)
+        if cfg.nice:
+            os.nice(cfg.nice)  # code yields the CPU to the service and the template
+    except BaseException as exc:
+        try:
+            _write_all(result_fd, f"E{exc.__class__.__name__}: {exc}".encode())
+        finally:
+            os._exit(SETUP_FAILED)
+    os.close(result_fd)
+    os._exit(run_main(script, request["code"]))
+
+
+def _fresh_stdio() -> None:
+    """Stdio objects over fds 0-2 configured as the interpreter configures them for pipes;
+    made once in the template, so a child only has to dup2 its own pipes onto fds 0-2."""
+    import io
+
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+        io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8"
+    )
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8"
+    )
+    # stderr is line-buffered and never fails on encoding, as in any Python >= 3.9.
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+        encoding="utf-8",
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+
+
+def run_main(script: str, source: str) -> int:
+    """Run `source` as `python script` would; return the process's exit code."""
+    import builtins
+    import threading
+    import types
+
+    sys.argv = [script]
+    sys.path[0] = os.path.dirname(script)  # the script's directory, not this file's
+    main = types.ModuleType("__main__")
+    main.__file__ = script
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    if "numpy" in sys.modules:
+        # Python's `random` reseeds itself in a forked child; numpy's global state does not.
+        sys.modules["numpy"].random.seed()
+    gc.enable()
+    code = 0
+    try:
+        try:
+            compiled = compile(source, script, "exec")
+        except SyntaxError as exc:
+            sys.excepthook(type(exc), exc.with_traceback(None), None)
+            return _finish(1)
+        exec(compiled, main.__dict__)
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except BaseException as exc:
+        # Without this frame, as the interpreter prints it (the hook reads __traceback__).
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+        code = 1
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # join non-daemon threads
+    except BaseException:
+        pass
+    return _finish(code)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    try:
+        print(exc.code, file=sys.stderr)
+    except BaseException:
+        pass
+    return 1
+
+
+def _finish(code: int) -> int:
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            code = code or 120  # what the interpreter returns when flushing stdio fails
+    return code
+
+
+def helper_main(run: Run, cfg: Config) -> None:
+    """Forked after a run: read its fetch_files, as its own uid, into the result memfd."""
+    try:
+        _become(run.uid)
+        request = json.loads(_read_all(run.req_fd))
+        _close_fds_except(run.result_fd)
+        os.chdir(run.workdir)
+        budget = cfg.fetch_cap
+        out = [b"F"]
+        for name in request.get("fetch_files", []):
+            try:
+                rel = safe_relative(name)
+                with open(rel, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if not stat.S_ISREG(st.st_mode) or st.st_size > budget:
+                        continue
+                    data = f.read(budget + 1)
+            except (OSError, ValueError):
+                continue  # missing, a directory, unreadable: omitted, as SandboxFusion does
+            if len(data) > budget:
+                continue
+            budget -= len(data)
+            raw = name.encode("utf-8", "surrogatepass")
+            out += [struct.pack("!IQ", len(raw), len(data)), raw, data]
+        _write_all(run.result_fd, b"".join(out))
+    except BaseException:
+        os._exit(1)
+    os._exit(0)
+
+
+# -- the template ------------------------------------------------------------------------------
+
+
+class Template:
+    def __init__(self, cfg: Config, listener: socket.socket) -> None:
+        self.cfg = cfg
+        self.listener = listener
+        self.sel = selectors.DefaultSelector()
+        self.runs: dict[int, Run] = {}  # by child pid
+        self.helpers: dict[int, Run] = {}  # by helper pid
+        self.free_uids = list(range(cfg.uid_base, cfg.uid_base + cfg.slots)) if cfg.uid_base else []
+        self.stopping = False
+        self.me = os.getpid()
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        self.sel.register(listener, selectors.EVENT_READ, "listen")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+
+    def _stop(self, *_args) -> None:
+        self.stopping = True
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while not self.stopping:
+            now = time.monotonic()
+            deadlines = [r.deadline for r in self.runs.values() if r.status is None]
+            deadlines += [r.helper_deadline for r in self.helpers.values()]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            for key, _ in self.sel.select(timeout):
+                if key.data == "listen":
+                    self._accept()
+                elif key.data == "wake":
+                    self._drain_wakeups()
+                elif isinstance(key.data, Pending):
+                    self._receive(key.data)
+                else:
+                    self._cancelled(key.data)
+            self._reap()
+            self._enforce_deadlines()
+        self._shutdown()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                _log(f"accept failed: {exc}")
+                return
+            conn.setblocking(False)
+            self.sel.register(conn, selectors.EVENT_READ, Pending(conn))
+
+    def _receive(self, pending: Pending) -> None:
+        conn = pending.conn
+        try:
+            data, ancdata, _flags, _addr = conn.recvmsg(HEADER_MAX, socket.CMSG_SPACE(N_FDS * 4))
+        except BlockingIOError:
+            return
+        except OSError:
+            data, ancdata = b"", []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                pending.fds += list(struct.unpack(f"{usable // 4}i", payload[:usable]))
+        pending.buf += data
+        size = struct.unpack("!I", pending.buf[:4])[0] if len(pending.buf) >= 4 else None
+        if not data or (size is not None and size > HEADER_MAX):
+            self._drop(pending)
+            return
+        if size is None or len(pending.buf) < 4 + size:
+            return
+        try:
+            header = json.loads(pending.buf[4 : 4 + size])
+        except ValueError:
+            self._drop(pending)
+            return
+        if header.get("op") == "ping":
+            reply = {"ok": True, "pid": self.me, "slots": self.cfg.slots, "boot_sha256": BOOT_SHA}
+            self._reply(conn, reply)
+            self._drop(pending)
+        elif header.get("op") == "run" and len(pending.fds) == N_FDS:
+            self.sel.unregister(conn)
+            self._start(conn, header, pending.fds)
+        else:
+            self._reply(conn, {"error": "bad request"})
+            self._drop(pending)
+
+    def _drop(self, pending: Pending) -> None:
+        for fd in pending.fds:
+            os.close(fd)
+        pending.fds = []
+        self.sel.unregister(pending.conn)
+        pending.conn.close()
+
+    @staticmethod
+    def _reply(conn: socket.socket, body: dict) -> None:
+        try:
+            conn.send(json.dumps(body).encode() + b"\n")
+        except OSError:
+            pass  # the service went away; nobody to tell
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _start(self, conn: socket.socket, header: dict, fds: list[int]) -> None:
+        req_fd, stdin_fd, out_fd, err_fd, result_fd = fds
+        if self.cfg.uid_base and not self.free_uids:
+            for fd in fds:
+                os.close(fd)
+            self._reply(conn, {"error": "no free run slot in this template"})
+            conn.close()
+            return
+        uid = self.free_uids.pop() if self.cfg.uid_base else None
+        workdir = os.path.join(self.cfg.runs_dir, f"tmp{_random_name()}")
+        timeout = float(header.get("timeout") or 10.0)
+        memory = header.get("memory")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            child_main(self.cfg, uid, workdir, fds, int(memory) if memory else None)
+        started = time.monotonic()
+        for fd in (stdin_fd, out_fd, err_fd):
+            os.close(fd)  # the child's now: EOF reaches the service when the run ends
+        fetch = bool(header.get("fetch"))
+        run = Run(conn, pid, uid, workdir, started, started + timeout, req_fd, result_fd, fetch)
+        self.runs[pid] = run
+        # Readable from now on means the service hung up: the run is cancelled.
+        self.sel.register(conn, selectors.EVENT_READ, run)
+
+    def _cancelled(self, run: Run) -> None:
+        try:
+            if run.conn.recv(1):
+                return  # unexpected bytes; only EOF matters
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.sel.unregister(run.conn)
+        run.conn.close()
+        run.conn = None  # type: ignore[assignment]
+        self._kill_group(run.pid)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for run in self.runs.values():
+            if run.status is None and not run.timed_out and now >= run.deadline:
+                run.timed_out = True
+                self._kill_group(run.pid)
+        for pid, run in list(self.helpers.items()):
+            if now >= run.helper_deadline:
+                self._kill_group(pid)
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.runs:
+                run = self.runs[pid]
+                if run.status is None:
+                    run.status = status
+                    run.elapsed = time.monotonic() - run.started
+                    self._run_ended(run)
+            elif pid in self.helpers:
+                self._finish(self.helpers.pop(pid))
+            # else: an orphan a run left behind, now gone
+
+    def _run_ended(self, run: Run) -> None:
+        self._kill_group(run.pid)
+        self._sweep_processes(run)
+        setup_failed = os.waitstatus_to_exitcode(run.status or 0) == SETUP_FAILED
+        if run.fetch and not setup_failed and run.conn is not None:
+            pid = os.fork()
+            if pid == 0:
+                helper_main(run, self.cfg)
+            run.helper = pid
+            run.helper_deadline = time.monotonic() + 30.0
+            self.helpers[pid] = run
+        else:
+            self._finish(run)
+
+    def _finish(self, run: Run) -> None:
+        if run.helper is not None:
+            self._kill_group(run.helper)
+        self._remove_files(run)
+        if run.conn is not None:
+            code = os.waitstatus_to_exitcode(run.status or 0)
+            self._reply(
+                run.conn,
+                {
+                    "exit": None if run.timed_out else code,
+                    "signal": -code if code < 0 else None,
+                    "timeout": run.timed_out,
+                    "elapsed": round(run.elapsed, 6),
+                },
+            )
+            self.sel.unregister(run.conn)
+            run.conn.close()
+        os.close(run.req_fd)
+        os.close(run.result_fd)
+        self.runs.pop(run.pid, None)
+        if run.uid is not None:
+            self.free_uids.append(run.uid)
+
+    # -- what a run leaves behind ----------------------------------------------------------
+
+    def _children(self) -> list[int]:
+        try:
+            with open(f"/proc/self/task/{self.me}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.me:
+                            found.append(int(name))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return found
+
+    def _left_by(self, pid: int, run: Run, sessions: set[int]) -> bool:
+        """Whether `pid`, a child of ours that is no live run or helper, belongs to `run`."""
+        try:
+            if run.uid is not None:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("Uid:"):
+                            return int(line.split()[1]) == run.uid
+                return False
+            with open(f"/proc/{pid}/stat") as f:
+                sid = int(f.read().rsplit(")", 1)[1].split()[4])
+        except (OSError, ValueError, IndexError):
+            return False
+        # Same user on the local backend: a process is this run's if it is in its session,
+        # or in no live run's session (it escaped with setsid, or its run is over).
+        return sid == run.pid or sid not in sessions
+
+    def _sweep_processes(self, run: Run) -> None:
+        """Kill what the run left running. Orphans of a run become our children (subreaper);
+        killing one orphans its own children to us, so repeat until none is left."""
+        for _ in range(100):
+            live = {r.pid for r in self.runs.values() if r.status is None}
+            live |= set(self.helpers)
+            victims = [p for p in self._children() if p not in live and self._left_by(p, run, live)]
+            if not victims:
+                return
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for pid in victims:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+        _log(f"run {run.pid}: processes still left after 100 sweeps")
+
+    def _remove_files(self, run: Run) -> None:
+        shutil.rmtree(run.workdir, ignore_errors=True)
+        if run.uid is None:
+            return
+        # Shared writable directories (/tmp, /dev/shm): whatever this uid made there goes.
+        for directory in self.cfg.sweep_dirs:
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_uid != run.uid:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                except OSError:
+                    continue
+
+    def _shutdown(self) -> None:
+        for run in list(self.runs.values()):
+            self._kill_group(run.pid)
+        for pid in list(self.helpers):
+            self._kill_group(pid)
+        for pid in self._children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for run in list(self.runs.values()):
+            shutil.rmtree(run.workdir, ignore_errors=True)
+
+
+# -- start-up ----------------------------------------------------------------------------------
+
+
+def preload(modules: list[str]) -> None:
+    for name in modules:
+        try:
+            __import__(name)
+        except Exception as exc:  # a missing optional package must not stop the template
+            _log(f"could not preload {name}: {exc.__class__.__name__}: {exc}")
+    if "matplotlib" in sys.modules:
+        # Build the font list now, once, rather than in every child that plots.
+        try:
+            import matplotlib.font_manager  # noqa: F401
+        except Exception:
+            pass
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--runs", required=True)
+    parser.add_argument("--uid-base", type=int, default=0)
+    parser.add_argument("--slots", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    pop = os.environ.pop
+    rlimits = json.loads(pop("KERNELBOX_RLIMITS", "") or "{}")
+    nproc = int(pop("KERNELBOX_NPROC", "") or 0) or None
+    nice = int(pop("KERNELBOX_NICE", "") or 0)
+    want_netns = pop("KERNELBOX_UNSHARE_NET", "") == "1"
+    modules = [m for m in pop("KERNELBOX_PRELOAD", "").split(",") if m.strip()]
+    sweep = [d for d in pop("KERNELBOX_SWEEP", "").split(":") if d]
+    fetch_cap = int(pop("KERNELBOX_FETCH_CAP", "") or 64 * 1024**2)
+    parent = pop("KERNELBOX_PARENT_PID", "")
+    if parent:  # local backend: a service killed with SIGKILL cannot stop us; we stop
+        from kernel_boot import die_with_parent
+
+        die_with_parent(int(parent))
+    if want_netns:
+        unshare_network()
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+    preload([m.strip() for m in modules])
+    # Our environment becomes the children's: without what only the interpreter's start
+    # needed (the KERNELBOX_ variables are gone already).
+    for name in ("PYTHONMALLOC", "GLIBC_TUNABLES"):
+        os.environ.pop(name, None)
+    sys.stdout.flush()
+    _fresh_stdio()
+    # Everything imported so far lives as long as the template: keep the collector away from
+    # it (in every child too), so a child's first collection does not copy the whole heap.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+    os.makedirs(args.runs, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.unlink(args.socket)
+    except FileNotFoundError:
+        pass
+    listener.bind(args.socket)
+    # The directory holding the socket is what keeps runs away from it; the service may be
+    # another uid than the template (a root template in a container of a non-root service).
+    os.chmod(args.socket, 0o666 if args.uid_base else 0o600)
+    listener.listen(1024)
+    listener.setblocking(False)
+    cfg = Config(
+        runs_dir=args.runs,
+        uid_base=args.uid_base or None,
+        slots=args.slots,
+        rlimits=rlimits,
+        nproc=nproc,
+        nice=nice,
+        sweep_dirs=sweep,
+        fetch_cap=fetch_cap,
+    )
+    _log(f"ready: {len(modules)} modules preloaded, serving {args.socket}")
+    Template(cfg, listener).serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
