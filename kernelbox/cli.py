@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import _exec
+from .agent import cli as agent_cli
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     _exec.add_parser(commands)
+    agent_cli.add_parser(commands)
     return parser
 
 
