@@ -1,0 +1,136 @@
+"""SDK benchmark: N concurrent `AsyncSession`s of one `AsyncClient` doing `x = 1`
+(or, with `--op refresh`, a GET of the session: next to no work on the service, so what is
+measured is mostly the client).
+
+Compares the SDK as built (each session on a connection of its own) with every session's
+requests going through the client's one shared httpx pool (encode/httpx#3215: that pool's
+cost per request grows with its connections). Phases alternate, to share the machine's noise.
+Reports aggregate executes/s and the client process's CPU time per execute.
+
+    .venv/bin/python -m bench.sdk_concurrency [--sessions 64] [--seconds 5] [--phases 3]
+                                              [--op execute|refresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from bench.common import row
+from kernelbox import AsyncClient, AsyncSession
+
+
+def start_server(port: int, sessions: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        # Few warm kernels: a pool refilling 64 kernels during the phases would measure that.
+        "KERNELBOX_MIN_IDLE": "4",
+        "KERNELBOX_MAX_SESSIONS": str(sessions + 8),
+        "KERNELBOX_DATA_DIR": tempfile.mkdtemp(prefix="kb-sdk-bench-"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "kernelbox.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def wait_idle(url: str, n: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=url) as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get("/readyz")).json().get("idle_kernels", 0) >= n:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"the pool did not reach {n} idle kernels")
+
+
+async def phase(sessions: list[AsyncSession], seconds: float, op: str) -> tuple[float, float, int]:
+    """requests/s, client CPU ms per request, errors."""
+    ok = errors = 0
+    stop = time.monotonic() + seconds
+
+    async def loop(session: AsyncSession) -> None:
+        nonlocal ok, errors
+        while time.monotonic() < stop:
+            try:
+                if op == "refresh":
+                    await session.refresh()
+                else:
+                    execution = await session.execute("x = 1")
+                    assert execution.status == "ok", execution
+                ok += 1
+            except Exception as exc:
+                errors += 1
+                print(f"error: {exc!r}", file=sys.stderr)
+
+    cpu = time.process_time()
+    await asyncio.gather(*(loop(s) for s in sessions))
+    cpu = time.process_time() - cpu
+    return ok / seconds, cpu * 1000 / max(ok, 1), errors
+
+
+async def main(args: argparse.Namespace) -> None:
+    server = None
+    url = args.url
+    if url is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = start_server(port, args.sessions)
+        url = f"http://127.0.0.1:{port}"
+        await wait_idle(url, 4)
+    try:
+        async with AsyncClient(url) as client:
+            sessions = [await client.create_session() for _ in range(args.sessions)]
+            shared = [AsyncSession(client, s.info) for s in sessions]
+            for s in shared:  # the same sessions, their requests through the one shared pool
+                s._requester = client._shared
+            for s in sessions:
+                await s.execute("x = 1")
+            await wait_idle(url, 4)  # the pool has refilled: nothing else runs during phases
+            await asyncio.sleep(2)
+            results: dict[str, list[tuple[float, float, int]]] = {"own": [], "shared": []}
+            for _ in range(args.phases):
+                results["own"].append(await phase(sessions, args.seconds, args.op))
+                results["shared"].append(await phase(shared, args.seconds, args.op))
+            for s in sessions:
+                await s.delete()
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+
+    what = "`x = 1`" if args.op == "execute" else "GET session"
+    print(f"### SDK: {args.sessions} concurrent sessions of one AsyncClient, {what}\n")
+    print(row("connections", "requests/s", "client CPU ms / request", "errors"))
+    print(row("---", "---", "---", "---"))
+    for name, label in (("own", "one per session (SDK)"), ("shared", "one shared pool")):
+        rates = [r[0] for r in results[name]]
+        cpu = [r[1] for r in results[name]]
+        errors = sum(r[2] for r in results[name])
+        print(row(label, f"{sum(rates) / len(rates):.0f}", f"{sum(cpu) / len(cpu):.2f}", errors))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="a running service (default: start one)")
+    parser.add_argument("--sessions", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--phases", type=int, default=3)
+    parser.add_argument("--op", choices=["execute", "refresh"], default="execute")
+    asyncio.run(main(parser.parse_args()))
