@@ -45,8 +45,20 @@ def build_backend(settings: Settings) -> KernelBackend:
     config = kernel_config(settings)
     if settings.backend == "docker":
         from sandbox.backends.docker import DockerBackend
+        from sandbox.backends.hostpath import HostPaths
 
-        return DockerBackend(config, image=settings.image)
+        host_paths = None  # found by the backend (see hostpath.py)
+        if settings.host_data_dir is not None:
+            host_paths = HostPaths.fixed(settings.data_dir, settings.host_data_dir)
+        # Kernel sockets next to the sessions' files: for a service in a container, on the
+        # volume the engine binds into kernels, where a restarted service finds the locks that
+        # tell it which kernels are orphans.
+        return DockerBackend(
+            config,
+            image=settings.image,
+            runtime_root=settings.data_dir / "run",
+            host_paths=host_paths,
+        )
     from sandbox.backends.local import LocalBackend
 
     return LocalBackend(config, python=settings.kernel_python or sys.executable)

@@ -49,6 +49,16 @@ class Settings(BaseSettings):
 
     # docker backend
     image: str = "kernelbox-kernel:latest"
+    # data_dir's path on the Docker engine's host, for a service in a container that cannot
+    # find it by inspecting its own container (default: found that way; see
+    # sandbox/backends/hostpath.py)
+    host_data_dir: Path | None = None
+
+    @field_validator("host_data_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # docker-compose.yml passes unset variables as empty strings
+        return None if value == "" else value
 
     @field_validator("api_key", mode="before")
     @classmethod

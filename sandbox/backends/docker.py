@@ -53,6 +53,7 @@ from .base import (
     new_connection_info,
     write_connection_file,
 )
+from .hostpath import HostPaths
 from .local import BOOT_SCRIPT, describe_exit, kernel_env
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ LABEL_PID = "kernelbox.pid"  # pid of the service process ...
 LABEL_PID_START = "kernelbox.pid_start"  # ... and its start time (pids get reused)
 LABEL_PIDNS = "kernelbox.pidns"  # the pid namespace those pids mean something in
 LABEL_BOOT = "kernelbox.boot_id"  # the host boot the owner ran in
-LABEL_LOCK = "kernelbox.lock"  # host path of the owner's lock file (held while alive)
+LABEL_LOCK = "kernelbox.lock"  # the owner's lock file, as the owner sees it (held while alive)
+LABEL_CONTAINER = "kernelbox.container"  # the container the owner runs in, if any ...
+LABEL_CONTAINER_START = "kernelbox.container_started"  # ... and when that one started
 LABEL_CREATED = "kernelbox.created"  # unix time
 
 # A unix socket path has room for 107 bytes; the longest of ours is "<runtime>/k-5".
@@ -98,6 +101,11 @@ def _pid_ns() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
+
+
+def _in_cgroup_of(pid: int, container_id: str) -> bool:
+    """Whether process `pid`, as this process sees pids, runs in that container."""
+    return container_id in _read(f"/proc/{pid}/cgroup")
 
 
 def _process_start(pid: int) -> str:
@@ -299,6 +307,7 @@ class DockerBackend(KernelBackend):
         log_bytes: int = 1024**2,
         max_workers: int = 16,
         reap: bool = True,
+        host_paths: HostPaths | None = None,
     ) -> None:
         super().__init__(config)
         self.image = image
@@ -331,6 +340,11 @@ class DockerBackend(KernelBackend):
         self.runtime_root.mkdir(parents=True, exist_ok=True)
         if len(str(self.runtime_root)) + len("/k-xxxxxxxx/k-5") > _SOCKET_PATH_MAX:
             raise ValueError(f"runtime_root {self.runtime_root} is too long for unix sockets")
+        # Bind-mount sources are the engine's host paths; a service in a container translates
+        # its own (see hostpath.py). Checked now: a runtime root the engine cannot see fails
+        # here, with a clear message, not at the first kernel start.
+        self.host_paths = host_paths or HostPaths.detect(self.client)
+        self.host_paths.to_host(self.runtime_root)
         # Held for the life of this backend: while it is held, our containers are not orphans.
         # flock is released by the kernel when the process dies, however it dies.
         self._lock_path = self.runtime_root / f"owner-{self.instance}.lock"
@@ -344,6 +358,9 @@ class DockerBackend(KernelBackend):
             LABEL_BOOT: _boot_id(),
             LABEL_LOCK: str(self._lock_path),
         }
+        if self.host_paths.container_id:
+            self._owner_labels[LABEL_CONTAINER] = self.host_paths.container_id
+            self._owner_labels[LABEL_CONTAINER_START] = self.host_paths.container_started or ""
 
         if reap:
             self.reap_orphans()
@@ -413,7 +430,10 @@ class DockerBackend(KernelBackend):
             await kernel.kill()
             await kernel.cleanup()
             raise
-        kernel.host_pid = state.get("Pid") or None
+        pid = state.get("Pid") or None
+        # The engine's pid is the host's: meaningless in a service that runs in a container
+        # of its own (another pid namespace), where it may even name another process.
+        kernel.host_pid = pid if pid and _in_cgroup_of(pid, kernel.container_id) else None
         if self._chown:
             kernel._sealer = loop.create_task(kernel._seal_runtime_dir(self.config.start_timeout))
         return kernel
@@ -482,8 +502,8 @@ class DockerBackend(KernelBackend):
             "read_only": True,
             "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={int(self.tmp_bytes)},mode=1777"},
             "mounts": [
-                Mount(CONTAINER_WORKDIR, str(workdir), type="bind"),
-                Mount(CONTAINER_RUNTIME, str(runtime_dir), type="bind"),
+                Mount(CONTAINER_WORKDIR, str(self.host_paths.to_host(workdir)), type="bind"),
+                Mount(CONTAINER_RUNTIME, str(self.host_paths.to_host(runtime_dir)), type="bind"),
             ],
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
@@ -565,6 +585,8 @@ class DockerBackend(KernelBackend):
           - its lock file can be locked: the owner held an exclusive flock on it for its whole
             life, and the OS drops it when the process ends, SIGKILL included (and unlike a
             pid, a lock cannot be mistaken for a newer process that reused the number); or
+          - its lock file is not to be seen here and the owner ran in a container (a service
+            deployed with docker-compose.yml) that is gone, stopped, or restarted since; or
           - its lock file is gone (its runtime directory was deleted, so its kernels cannot be
             reached either) and, in our pid namespace, the recorded pid is dead or now belongs
             to a process with another start time.
@@ -607,18 +629,19 @@ class DockerBackend(KernelBackend):
                 os.close(fd)
         return removed
 
-    @staticmethod
-    def _remove_runtime_dir(container: Any, lock_path: str, held: dict[str, int]) -> None:
+    def _remove_runtime_dir(self, container: Any, lock_path: str, held: dict[str, int]) -> None:
         # Only a directory next to a lock we hold: a label or mount is no licence to delete.
         if lock_path not in held:
             return
+        root = Path(lock_path).parent
+        try:
+            host_root = self.host_paths.to_host(root)  # mount sources are the engine's paths
+        except RuntimeError:
+            return
         for mount in container.attrs.get("Mounts", []):
             source = Path(mount.get("Source") or "/")
-            if (
-                mount.get("Destination") == CONTAINER_RUNTIME
-                and source.parent == Path(lock_path).parent
-            ):
-                shutil.rmtree(source, ignore_errors=True)
+            if mount.get("Destination") == CONTAINER_RUNTIME and source.parent == host_root:
+                shutil.rmtree(root / source.name, ignore_errors=True)
 
     def _owner_gone(self, labels: dict[str, str], held: dict[str, int]) -> bool:
         if labels.get(LABEL_BOOT) and _boot_id() and labels[LABEL_BOOT] != _boot_id():
@@ -639,6 +662,18 @@ class DockerBackend(KernelBackend):
                     return False  # the owner holds it (alive), or we cannot tell
                 held[lock_path] = fd  # kept until its containers are removed
                 return True
+        if labels.get(LABEL_CONTAINER):
+            # An owner in a container whose lock we cannot see: that container is gone, not
+            # running, or was restarted since (a new process: the owner died).
+            try:
+                state = self.client.api.inspect_container(labels[LABEL_CONTAINER])["State"]
+            except NotFound:
+                return True
+            except DockerException as exc:
+                log.warning("cannot tell whether the owner of a kernel is alive: %s", exc)
+                return False
+            started = labels.get(LABEL_CONTAINER_START)
+            return not state.get("Running") or bool(started and state.get("StartedAt") != started)
         if labels.get(LABEL_PIDNS) == _pid_ns() and labels.get(LABEL_PID, "").isdigit():
             pid = int(labels[LABEL_PID])
             return _process_start(pid) != labels.get(LABEL_PID_START)
