@@ -16,11 +16,12 @@ $(VENV)/.installed: pyproject.toml
 serve: $(VENV)/.installed
 	$(VENV)/bin/kernelbox serve --backend local
 
-# Docker tests run when an engine is reachable (the image is built first; a rebuild with
-# nothing changed takes seconds). KERNELBOX_REQUIRE_DOCKER=1 turns a missing engine into a failure.
+# Docker tests run when an engine is reachable (the kernel and service images are built first; a
+# rebuild with nothing changed takes seconds). KERNELBOX_REQUIRE_DOCKER=1 turns a missing engine
+# into a failure.
 test: $(VENV)/.installed
 	@if $(PY) -c "import docker; docker.from_env().ping()" 2>/dev/null; then \
-		./scripts/build-kernel-image.sh $(IMAGE); \
+		KERNEL_IMAGE=$(IMAGE) ./scripts/build-images.sh; \
 	else echo "no Docker engine reachable: Docker tests will skip"; fi
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
