@@ -45,6 +45,7 @@ SERVICE_MAX_DEADLINE = 600.0
 # On top of the deadline: the interrupt grace period, a restart, and the way back.
 DEADLINE_MARGIN = 30.0
 USER_AGENT = "kernelbox-python"
+KEEPALIVE_EXPIRY = 4.0
 
 FileSource = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes]
 
@@ -135,8 +136,12 @@ class Options:
             "timeout": self.timeout,
             "verify": verify,
         }
-        if keepalive is not None:
-            kwargs["limits"] = httpx.Limits(max_keepalive_connections=keepalive)
+        # An idle connection is dropped before the service would close it (uvicorn: after 5 s),
+        # so an execute is never sent on a connection the server is closing at that moment.
+        kwargs["limits"] = httpx.Limits(
+            max_keepalive_connections=keepalive if keepalive is not None else 20,
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        )
         return kwargs
 
     def execution_timeout(self, deadline: float | None) -> httpx.Timeout:
