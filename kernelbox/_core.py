@@ -7,7 +7,6 @@ is made here, once, so the two cannot drift apart. Only httpx and pydantic are n
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import json
 import os
@@ -560,10 +559,3 @@ def write_local(target: Path, data: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     return target
-
-
-def data_url_bytes(item: str | Image) -> bytes | None:
-    """The bytes of an image of a one-shot run, whose URL carries the image itself."""
-    if isinstance(item, Image) and item.url.startswith("data:") and ";base64," in item.url:
-        return base64.b64decode(item.url.split(";base64,", 1)[1])
-    return None
