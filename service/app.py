@@ -21,7 +21,7 @@ from sandbox.session import SessionOptions
 from . import errors
 from .body_limit import BodyLimitMiddleware, limit_by_route
 from .metrics import Metrics
-from .routes import execute, files, health, sessions, tools
+from .routes import execute, files, health, sandboxfusion, sessions, tools
 from .settings import Settings
 
 log = logging.getLogger("kernelbox")
@@ -120,4 +120,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files.router)
     app.include_router(execute.router)
     app.include_router(tools.router)
+    app.include_router(sandboxfusion.router)
     return app

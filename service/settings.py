@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     cpus: float = Field(default=1.0, gt=0)
     pids: int = Field(default=256, ge=8)
 
+    # stateless runs (/run_code): fork-server templates, started on first use. 0 templates:
+    # one per CPU core (at most 4); slots: concurrent runs per template (more wait their turn)
+    run_code_templates: int = Field(default=0, ge=0)
+    run_code_slots: int = Field(default=64, ge=1, le=1024)
+    run_code_preload: str = "numpy,pandas,matplotlib,matplotlib.pyplot"
+
     # local backend: the interpreter that runs kernels (default: the service's own)
     kernel_python: str | None = None
 

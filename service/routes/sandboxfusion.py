@@ -1,0 +1,258 @@
+"""SandboxFusion-compatible `/run_code` and `/run_jupyter` (python only).
+
+Clients that speak SandboxFusion (its PyPI client, verl, SimpleTIR, ToRL) switch by changing
+one URL. Bodies and answers are SandboxFusion's own models (kernelbox/sandboxfusion.py); an
+answer is HTTP 200 whatever the code did, as there. Where kernelbox differs on purpose:
+
+- `run_code` runs on a fork server (sandbox/forkserver.py): a fresh child of a template that
+  has the data stack imported, not a fresh interpreter; the semantics of `python file.py` are
+  kept (return code, traceback on stderr, stdin, files in the working directory).
+- `run_jupyter` applies `cell_timeout` (SandboxFusion parses it and never applies it) and, on
+  a time limit, returns the cells that ran (SandboxFusion returns none).
+- paths in `files` and `fetch_files` must stay inside the working directory; other languages,
+  and such paths, answer `SandboxError` with a message that says so.
+- `memory_limit_MB` > 0 lowers the run's address-space limit (never raises the service's).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+
+from kernelbox.models import Execution
+from kernelbox.sandboxfusion import (
+    CellRunResult,
+    CommandRunResult,
+    CommandRunStatus,
+    RunCodeRequest,
+    RunCodeResponse,
+    RunJupyterRequest,
+    RunJupyterResponse,
+    RunStatus,
+)
+from sandbox import files as sandbox_files
+from sandbox.errors import KernelStartError
+from sandbox.forkserver import ForkServer, ForkServerError, ForkServerOptions, RunRequest
+
+from .. import executions
+from ..auth import require_owner
+from ..settings import Settings
+
+
+def forkserver_options(settings: Settings) -> ForkServerOptions:
+    templates = settings.run_code_templates or min(os.cpu_count() or 1, 4)
+    preload = tuple(m.strip() for m in settings.run_code_preload.split(",") if m.strip())
+    return ForkServerOptions(templates=templates, slots=settings.run_code_slots, preload=preload)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Runs inside the app's own lifespan, so the backend exists; templates start on first use.
+    forkserver = ForkServer(app.state.manager.pool.backend, forkserver_options(app.state.settings))
+    app.state.forkserver = forkserver
+    try:
+        yield
+    finally:
+        await forkserver.close()
+
+
+router = APIRouter(tags=["sandboxfusion"], lifespan=lifespan)
+
+_RESPONSES = {401: {"description": "Missing or invalid API key"}}
+
+
+class _Refused(Exception):
+    """The request cannot run here; answered as SandboxFusion answers a sandbox error."""
+
+
+def _checked_path(path: str, what: str) -> str:
+    try:
+        sandbox_files.split_relative(path)
+    except sandbox_files.UnsafePath as exc:
+        raise _Refused(
+            f"{what}: {exc}; paths are relative to the run's working directory"
+        ) from None
+    return path
+
+
+def _checked_files(given: dict[str, str | None]) -> dict[str, str]:
+    out = {}
+    for path, content in given.items():
+        # Skipped as SandboxFusion skips them: null content, and its IGNORE_THIS_FILE marker.
+        if content is None or "IGNORE_THIS_FILE" in path:
+            continue
+        _checked_path(path, "files")
+        try:  # line breaks allowed (base64.encodebytes makes them), nothing else foreign
+            base64.b64decode("".join(content.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise _Refused(f"files: the content of {path!r} is not valid base64") from None
+        out[path] = content
+    return out
+
+
+def _timeout(request: Request, value: float) -> float:
+    settings: Settings = request.app.state.settings
+    return min(max(float(value), 0.001), settings.max_timeout)
+
+
+def _sandbox_error(message: str) -> RunCodeResponse:
+    # Always a run_result with string streams: clients index run_result["stdout"] blindly.
+    return RunCodeResponse(
+        status=RunStatus.SandboxError,
+        message=message,
+        run_result=CommandRunResult(status=CommandRunStatus.Error, stdout="", stderr=message),
+    )
+
+
+def _python_only(language: str) -> str:
+    return (
+        f"kernelbox runs python only: language {language!r} is not supported here "
+        "(use a SandboxFusion server for it)"
+    )
+
+
+@router.post("/run_code", response_model=RunCodeResponse, responses=_RESPONSES)
+async def run_code(
+    body: RunCodeRequest, request: Request, _: str = Depends(require_owner)
+) -> RunCodeResponse:
+    """Run `code` as a fresh python program: stdout, stderr, return code, files."""
+    if body.language != "python":
+        return _sandbox_error(_python_only(body.language))
+    executions.check_code(request, body.code)
+    try:
+        files = _checked_files(body.files)
+        fetch = [_checked_path(p, "fetch_files") for p in body.fetch_files]
+    except _Refused as exc:
+        return _sandbox_error(str(exc))
+    limit = body.memory_limit_MB * 1024**2 if body.memory_limit_MB > 0 else None
+    forkserver: ForkServer = request.app.state.forkserver
+    started = time.perf_counter()
+    try:
+        result = await forkserver.run(
+            RunRequest(
+                code=body.code,
+                timeout=_timeout(request, body.run_timeout),
+                stdin=body.stdin,
+                files=files,
+                fetch_files=fetch,
+                memory_bytes=limit,
+            )
+        )
+    except ForkServerError as exc:
+        request.app.state.metrics.observe("error", time.perf_counter() - started)
+        return _sandbox_error(str(exc))
+    timed_out = result.status == "timeout"
+    request.app.state.metrics.observe(
+        "timeout" if timed_out else "ok" if result.exit_code == 0 else "error",
+        time.perf_counter() - started,
+    )
+    return RunCodeResponse(
+        status=RunStatus.Success if result.exit_code == 0 and not timed_out else RunStatus.Failed,
+        message="",
+        run_result=CommandRunResult(
+            status=CommandRunStatus.TimeLimitExceeded if timed_out else CommandRunStatus.Finished,
+            execution_time=result.duration,
+            return_code=None if timed_out else result.exit_code,
+            stdout=result.stdout,
+            stderr=result.stderr,
+        ),
+        files={name: base64.b64encode(data).decode() for name, data in result.files.items()},
+    )
+
+
+@router.post("/run_jupyter", response_model=RunJupyterResponse, responses=_RESPONSES)
+async def run_jupyter(
+    body: RunJupyterRequest, request: Request, _: str = Depends(require_owner)
+) -> RunJupyterResponse:
+    """Run `cells` in order in one fresh kernel (taken warm from the pool, then discarded)."""
+    for cell in body.cells:
+        executions.check_code(request, cell)
+    try:
+        files = _checked_files(dict(body.files))
+        fetch = [_checked_path(p, "fetch_files") for p in body.fetch_files]
+    except _Refused as exc:
+        return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc))
+    loop_time = time.monotonic
+    started = loop_time()
+    total = body.total_timeout if body.total_timeout > 0 else request.app.state.settings.max_timeout
+    cell_limit = _timeout(request, body.cell_timeout) if body.cell_timeout > 0 else None
+    cells: list[CellRunResult] = []
+    fetched: dict[str, str] = {}
+    timed_out = died = False
+    manager = request.app.state.manager
+    try:
+        async with manager.throwaway() as session:
+            # The cells' time starts with the kernel: a cold start when none was warm is ours.
+            deadline = loop_time() + _timeout(request, total)
+            try:
+                for path, content in files.items():
+                    sandbox_files.write_file(session.workdir, path, base64.b64decode(content))
+            except (OSError, ValueError) as exc:
+                return RunJupyterResponse(
+                    status=RunStatus.SandboxError, message=f"files: could not write: {exc}"
+                )
+            for cell in body.cells:
+                remaining = deadline - loop_time()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                execution = await session.execute(
+                    cell, min(remaining, cell_limit) if cell_limit else remaining
+                )
+                cells.append(_cell(execution))
+                if execution.status in ("timeout", "died"):
+                    # The kernel was interrupted or lost its state: later cells would run
+                    # against something else than the notebook meant.
+                    timed_out, died = execution.status == "timeout", execution.status == "died"
+                    break
+            for path in fetch:
+                with contextlib.suppress(OSError, sandbox_files.UnsafePath):
+                    data = sandbox_files.read_file(session.workdir, path)
+                    fetched[path] = base64.b64encode(data).decode()
+    except KernelStartError as exc:
+        return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc))
+    elapsed = loop_time() - started
+    if timed_out:
+        driver = CommandRunResult(
+            status=CommandRunStatus.TimeLimitExceeded, execution_time=elapsed, stdout="", stderr=""
+        )
+    else:
+        driver = CommandRunResult(
+            status=CommandRunStatus.Finished,
+            execution_time=elapsed,
+            return_code=1 if died else 0,
+            stdout="",
+            stderr="",
+        )
+    return RunJupyterResponse(
+        status=RunStatus.Failed if timed_out or died else RunStatus.Success,
+        message="",
+        driver=driver,
+        cells=cells,
+        files=fetched,
+    )
+
+
+def _cell(execution: Execution) -> CellRunResult:
+    """Our Execution in SandboxFusion's cell shape: streams, mime bundles, IOPub-style errors."""
+    error = []
+    if execution.error is not None:
+        error.append(
+            {
+                "ename": execution.error.name,
+                "evalue": execution.error.value,
+                "traceback": execution.error.traceback,
+            }
+        )
+    return CellRunResult(
+        stdout=execution.stdout,
+        stderr=execution.stderr,
+        display=[result.data for result in execution.results],
+        error=error,
+    )
