@@ -136,6 +136,7 @@ class Config:
     rlimits: dict[str, int]
     nproc: int | None
     nice: int
+    prefork: int
     sweep_dirs: list[str]
     fetch_cap: int
 
@@ -165,6 +166,15 @@ class Pending:
     fds: list[int] = field(default_factory=list)
 
 
+def _received_fds(ancdata: list) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds += struct.unpack(f"{usable // 4}i", payload[:usable])
+    return fds
+
+
 # -- the child ---------------------------------------------------------------------------------
 
 
@@ -183,11 +193,11 @@ def _become(uid: int | None) -> None:
 
 
 def _reset_signals() -> None:
+    """Undo the template's handlers (SIGPIPE and SIGXFSZ stay ignored, as in any Python)."""
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as the interpreter sets it at start
 
 
 def _close_fds_except(keep: int) -> None:
@@ -220,9 +230,8 @@ def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], m
         # The rest of the environment is the template's (see main): set, not rebuilt, as
         # every page a child writes is a page copied.
         os.environ.update(HOME=workdir, TMPDIR=workdir, PWD=workdir)
-        try:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write("1000")  # when memory runs out, a run goes first, never the template
+        try:  # when memory runs out, a run goes first, never the template
+            _write_file("/proc/self/oom_score_adj", b"1000")
         except OSError:
             pass
         rlimits = dict(cfg.rlimits)
@@ -275,8 +284,7 @@ def run_main(script: str, source: str) -> int:
     main.__builtins__ = builtins
     sys.modules["__main__"] = main
     if "numpy" in sys.modules:
-        # Python's `random` reseeds itself in a forked child; numpy's global state does not.
-        sys.modules["numpy"].random.seed()
+        _reseed_numpy(sys.modules["numpy"])
     gc.enable()
     code = 0
     try:
@@ -298,6 +306,17 @@ def run_main(script: str, source: str) -> int:
     except BaseException:
         pass
     return _finish(code)
+
+
+def _reseed_numpy(np) -> None:
+    """Python's `random` reseeds itself in a forked child; numpy's global state does not.
+    A whole Mersenne Twister state from the OS: as random as `seed()`, for a third of the
+    pages it writes (every page a child writes is copied)."""
+    try:
+        key = np.frombuffer(os.urandom(624 * 4), dtype=np.uint32)
+        np.random.mtrand._rand.set_state(("MT19937", key, 624, 0, 0.0))
+    except Exception:
+        np.random.seed()
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -367,6 +386,7 @@ class Template:
         self.sel = selectors.DefaultSelector()
         self.runs: dict[int, Run] = {}  # by child pid
         self.helpers: dict[int, Run] = {}  # by helper pid
+        self.idle: list[tuple[int, socket.socket]] = []  # pre-forked children, waiting
         self.free_uids = list(range(cfg.uid_base, cfg.uid_base + cfg.slots)) if cfg.uid_base else []
         self.stopping = False
         self.me = os.getpid()
@@ -402,6 +422,8 @@ class Template:
                     self._cancelled(key.data)
             self._reap()
             self._enforce_deadlines()
+            if len(self.idle) < self.cfg.prefork // 2:
+                self._spawn_idle(self.cfg.prefork - len(self.idle))
         self._shutdown()
 
     def _drain_wakeups(self) -> None:
@@ -431,10 +453,7 @@ class Template:
             return
         except OSError:
             data, ancdata = b"", []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                pending.fds += list(struct.unpack(f"{usable // 4}i", payload[:usable]))
+        pending.fds += _received_fds(ancdata)
         pending.buf += data
         size = struct.unpack("!I", pending.buf[:4])[0] if len(pending.buf) >= 4 else None
         if not data or (size is not None and size > HEADER_MAX):
@@ -485,12 +504,20 @@ class Template:
         uid = self.free_uids.pop() if self.cfg.uid_base else None
         workdir = os.path.join(self.cfg.runs_dir, f"tmp{_random_name()}")
         timeout = float(header.get("timeout") or 10.0)
-        memory = header.get("memory")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            child_main(self.cfg, uid, workdir, fds, int(memory) if memory else None)
+        memory = int(header["memory"]) if header.get("memory") else None
+        work = json.dumps({"uid": uid, "workdir": workdir, "memory": memory}).encode()
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{N_FDS}i", *fds))]
+        while True:
+            if not self.idle:
+                self._spawn_idle(1)
+            pid, chan = self.idle.pop()
+            try:
+                chan.sendmsg([work], rights)
+                break
+            except OSError:
+                continue  # that child is gone; take another
+            finally:
+                chan.close()
         started = time.monotonic()
         for fd in (stdin_fd, out_fd, err_fd):
             os.close(fd)  # the child's now: EOF reaches the service when the run ends
@@ -499,6 +526,39 @@ class Template:
         self.runs[pid] = run
         # Readable from now on means the service hung up: the run is cancelled.
         self.sel.register(conn, selectors.EVENT_READ, run)
+
+    # -- pre-forked children -------------------------------------------------------------
+
+    def _spawn_idle(self, n: int) -> None:
+        """Fork `n` children that wait for a run. Forked back to back, in a batch: after a
+        fork every page the template writes is copied (children share them), so the
+        bookkeeping between forks is paid once per batch instead of once per run."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for _ in range(n):
+            chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    self._idle_child(theirs)
+                finally:
+                    os._exit(SETUP_FAILED)
+            theirs.close()
+            self.idle.append((pid, chan))
+
+    def _idle_child(self, chan: socket.socket) -> None:
+        """In a pre-forked child: wait for a run, then become it."""
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.me:
+            os._exit(0)
+        _reset_signals()
+        _close_fds_except(chan.fileno())  # nothing of other runs, the listener, the selector
+        data, ancdata, _flags, _addr = chan.recvmsg(4096, socket.CMSG_SPACE(N_FDS * 4))
+        fds = _received_fds(ancdata)
+        if not data or len(fds) != N_FDS:
+            os._exit(0)  # the template went away, or sent nonsense
+        work = json.loads(data)
+        child_main(self.cfg, work["uid"], work["workdir"], fds, work["memory"])
 
     def _cancelled(self, run: Run) -> None:
         try:
@@ -524,11 +584,14 @@ class Template:
                 self._kill_group(pid)
 
     @staticmethod
-    def _kill_group(pgid: int) -> None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def _kill_group(pid: int) -> None:
+        """Kill a run's (or helper's) process group, and the process itself, in case it has
+        not made its own group yet."""
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _reap(self) -> None:
         while True:
@@ -626,7 +689,7 @@ class Template:
         killing one orphans its own children to us, so repeat until none is left."""
         for _ in range(100):
             live = {r.pid for r in self.runs.values() if r.status is None}
-            live |= set(self.helpers)
+            live |= set(self.helpers) | {pid for pid, _ in self.idle}
             victims = [p for p in self._children() if p not in live and self._left_by(p, run, live)]
             if not victims:
                 return
@@ -665,6 +728,8 @@ class Template:
                     continue
 
     def _shutdown(self) -> None:
+        for _pid, chan in self.idle:
+            chan.close()  # an idle child reads EOF and exits
         for run in list(self.runs.values()):
             self._kill_group(run.pid)
         for pid in list(self.helpers):
@@ -701,6 +766,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs", required=True)
     parser.add_argument("--uid-base", type=int, default=0)
     parser.add_argument("--slots", type=int, default=64)
+    parser.add_argument("--prefork", type=int, default=8)
     args = parser.parse_args(argv)
 
     pop = os.environ.pop
@@ -752,6 +818,7 @@ def main(argv: list[str]) -> None:
         rlimits=rlimits,
         nproc=nproc,
         nice=nice,
+        prefork=args.prefork,
         sweep_dirs=sweep,
         fetch_cap=fetch_cap,
     )
