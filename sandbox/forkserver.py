@@ -284,7 +284,8 @@ class _Reader:
         loop.add_reader(fd, self._read)
 
     def _read(self) -> None:
-        while True:
+        # Bounded per wake-up: a run flooding its pipe must not hold the event loop.
+        for _ in range(16):
             try:
                 chunk = os.read(self.fd, 65536)
             except BlockingIOError:

@@ -237,6 +237,22 @@ def test_output_is_capped_head_kept(server):
     assert resp.run_result.stderr == "end\n"
 
 
+async def test_an_output_flood_does_not_hold_up_other_runs(server):
+    loop = asyncio.get_running_loop()
+    flood = loop.run_in_executor(
+        None, lambda: run("while True:\n    print('x' * 10000)", run_timeout=3)
+    )
+    await asyncio.sleep(1)
+    started = time.monotonic()
+    quick = await loop.run_in_executor(None, lambda: run("print('quick')"))
+    assert quick.run_result.stdout == "quick\n"
+    assert time.monotonic() - started < 2
+    flooded = await flood
+    assert flooded.run_result.status == sf.CommandRunStatus.TimeLimitExceeded
+    assert len(flooded.run_result.stdout) < 1024**2 + 100
+    assert flooded.run_result.stdout.endswith("bytes truncated]")
+
+
 def test_memory_limit_is_applied(server):
     code = "import numpy as np\na = np.ones(400 * 2**20 // 8)\nprint('allocated')"
     assert run(code, memory_limit_MB=1024).status == sf.RunStatus.Success
