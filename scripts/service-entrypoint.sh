@@ -22,10 +22,10 @@ SERVICE_GID=1000
 
 log() { printf 'kernelbox-entrypoint: %s\n' "$*" >&2; }
 
-case "${1:-serve}" in
+[ "$#" -gt 0 ] || set -- serve
+case "$1" in
     serve | exec | agent | -h | --help) set -- kernelbox "$@" ;;
 esac
-[ "$#" -gt 0 ] || set -- kernelbox serve
 
 if [ "$1" = kernelbox ] && [ "${2:-}" = serve ]; then
     DATA="${KERNELBOX_DATA_DIR:-/var/lib/kernelbox}"
@@ -55,7 +55,9 @@ case "$docker_host" in
         sock="${docker_host#unix:}"
         sock="/${sock#"${sock%%[!/]*}"}"  # unix:///path and unix:/path alike
         if [ ! -S "$sock" ]; then
-            log "no Docker socket at $sock: mount it (see docker-compose.yml) or set DOCKER_HOST"
+            if [ -n "${DATA:-}" ]; then  # serving: kernels need the engine
+                log "no Docker socket at $sock: mount it (see docker-compose.yml) or set DOCKER_HOST"
+            fi
         else
             gid="$(stat -c %g "$sock")"
             mode="$(stat -c %a "$sock")"
