@@ -34,6 +34,18 @@ _HTTP_CODES = {
 }
 
 
+# The engine's errors, as the HTTP contract names them.
+ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    SessionNotFound: (404, "not_found"),
+    SessionClosed: (404, "not_found"),
+    SessionBusy: (409, "session_busy"),
+    PoolExhausted: (429, "pool_exhausted"),
+    KernelStartError: (503, "kernel_unavailable"),
+    UnsafePath: (400, "bad_path"),
+    FileTooLarge: (413, "too_large"),
+}
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra
 ) -> JSONResponse:
@@ -67,35 +79,18 @@ def install(app: FastAPI) -> None:
         summary = "; ".join(f"{'.'.join(map(str, f['loc']))}: {f['message']}" for f in fields)
         return error_response(422, "invalid_body", summary or "invalid request", fields=fields)
 
-    @app.exception_handler(SessionNotFound)
-    async def _not_found(_: Request, exc: SessionNotFound):
-        return error_response(404, "not_found", str(exc))
+    async def _engine(_: Request, exc: Exception):
+        status, code = ENGINE_ERRORS[type(exc)]
+        headers = None
+        if isinstance(exc, PoolExhausted):
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        elif isinstance(exc, KernelStartError):
+            log.error("kernel unavailable: %s", exc)
+            headers = {"Retry-After": "5"}
+        return error_response(status, code, str(exc), headers=headers)
 
-    @app.exception_handler(SessionClosed)
-    async def _closed(_: Request, exc: SessionClosed):
-        return error_response(404, "not_found", str(exc))
-
-    @app.exception_handler(SessionBusy)
-    async def _busy(_: Request, exc: SessionBusy):
-        return error_response(409, "session_busy", str(exc))
-
-    @app.exception_handler(PoolExhausted)
-    async def _exhausted(_: Request, exc: PoolExhausted):
-        retry = str(max(1, round(exc.retry_after)))
-        return error_response(429, "pool_exhausted", str(exc), headers={"Retry-After": retry})
-
-    @app.exception_handler(KernelStartError)
-    async def _no_kernel(_: Request, exc: KernelStartError):
-        log.error("kernel unavailable: %s", exc)
-        return error_response(503, "kernel_unavailable", str(exc), headers={"Retry-After": "5"})
-
-    @app.exception_handler(UnsafePath)
-    async def _unsafe(_: Request, exc: UnsafePath):
-        return error_response(400, "bad_path", str(exc))
-
-    @app.exception_handler(FileTooLarge)
-    async def _too_large(_: Request, exc: FileTooLarge):
-        return error_response(413, "too_large", str(exc))
+    for error in ENGINE_ERRORS:
+        app.add_exception_handler(error, _engine)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception):

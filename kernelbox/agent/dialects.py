@@ -33,6 +33,16 @@ class Malformed:
 Parsed = Call | Malformed | None
 
 
+def code_call(name: Any, arguments: Any) -> Parsed:
+    """A call of `code_interpreter` with its arguments in any form models write them."""
+    if name != TOOL_NAME:
+        return Malformed(f"unknown tool {name!r}; the tool is {TOOL_NAME!r}")
+    try:
+        return Call(code=extract_code(arguments))
+    except InvalidArguments as exc:
+        return Malformed(str(exc))
+
+
 def _loads(text: str) -> Any:
     # strict=False: models put raw newlines and tabs inside JSON strings.
     return json.loads(text, strict=False)
@@ -118,14 +128,9 @@ class Hermes(Dialect):
         return self.call_from(name, arguments, code_part)
 
     def call_from(self, name: Any, arguments: Any, code_part: str | None) -> Parsed:
-        if name != TOOL_NAME:
-            return Malformed(f"unknown tool {name!r}; the tool is {TOOL_NAME!r}")
-        if code_part is not None:
+        if code_part is not None and name == TOOL_NAME:
             return Call(code=code_part)
-        try:
-            return Call(code=extract_code(arguments))
-        except InvalidArguments as exc:
-            return Malformed(str(exc))
+        return code_call(name, arguments)
 
     def insertion(self, segment: str, stopped_at: str | None, body: str) -> str:
         close = "" if segment.rstrip().endswith("</tool_call>") else "</tool_call>"
@@ -213,13 +218,7 @@ class React(Dialect):
         name, sep, arguments = rest.partition("Action Input:")
         if not sep:
             return Malformed("an Action without an 'Action Input:' line")
-        name = name.strip()
-        if name != TOOL_NAME:
-            return Malformed(f"unknown tool {name!r}; the tool is {TOOL_NAME!r}")
-        try:
-            return Call(code=extract_code(arguments.strip()))
-        except InvalidArguments as exc:
-            return Malformed(str(exc))
+        return code_call(name.strip(), arguments.strip())
 
     def insertion(self, segment: str, stopped_at: str | None, body: str) -> str:
         lead = "" if segment.endswith("\n") else "\n"
@@ -271,13 +270,7 @@ class QwenFn(Dialect):
         name, sep, arguments = segment[at + len(FN_NAME) :].partition(FN_ARGS)
         if not sep:
             return Malformed(f"a {FN_NAME} line without {FN_ARGS}")
-        name = name.strip().lstrip(":").strip()
-        if name != TOOL_NAME:
-            return Malformed(f"unknown tool {name!r}; the tool is {TOOL_NAME!r}")
-        try:
-            return Call(code=extract_code(arguments.lstrip(":").strip()))
-        except InvalidArguments as exc:
-            return Malformed(str(exc))
+        return code_call(name.strip().lstrip(":").strip(), arguments.lstrip(":").strip())
 
     def insertion(self, segment: str, stopped_at: str | None, body: str) -> str:
         lead = "" if segment.endswith("\n") else "\n"
