@@ -318,6 +318,7 @@ class DockerBackend(KernelBackend):
             user = SANDBOX_UID_GID if os.geteuid() == 0 else (os.geteuid(), os.getegid())
         self.user = user
         self._chown = user != (os.geteuid(), os.getegid())
+        self.file_owner = user if self._chown else None
         self.client = client or docker.from_env(max_pool_size=max_workers + 2)
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="kernelbox-docker")
         self._kernels: dict[str, DockerKernel] = {}
@@ -469,6 +470,8 @@ class DockerBackend(KernelBackend):
                 env[key] = value
         env["KERNELBOX_OUTPUT_CAP"] = str(cfg.output_cap_chars)
         env["KERNELBOX_IMAGE_CAP"] = str(cfg.image_cap_bytes)
+        if lim.nice:
+            env["KERNELBOX_NICE"] = str(lim.nice)
 
         ulimits = [Ulimit(name="core", soft=0, hard=0)]
         if lim.open_files is not None:
@@ -482,6 +485,10 @@ class DockerBackend(KernelBackend):
             limits["mem_limit"] = limits["memswap_limit"] = int(lim.memory_bytes)
         if lim.cpus is not None:
             limits["nano_cpus"] = int(lim.cpus * 1e9)
+        if lim.nice:
+            # Niceness only ranks processes inside one cgroup; between the service and the
+            # kernel containers it is CPU shares that decide (1024 is everyone's default).
+            limits["cpu_shares"] = 256
         if lim.pids is not None:
             limits["pids_limit"] = int(lim.pids)
         uid, gid = self.user
