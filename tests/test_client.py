@@ -588,8 +588,8 @@ async def test_async_retry_after_503_for_an_execute(server):
     async with kb.AsyncClient(server.url) as direct:
         session = await direct.create_session()
     path = f"/v1/sessions/{session.id}/execute"
-    # Retry-After as an HTTP date works too (rounded to whole seconds: 1-2 s from now).
-    when = email.utils.formatdate(time.time() + 2, usegmt=True)
+    # Retry-After as an HTTP date works too (whole seconds, so 2-3 s from now).
+    when = email.utils.formatdate(time.time() + 3, usegmt=True)
     proxy = FlakyProxy(server.url, path, failures=1, retry_after=when)
     with serving(proxy) as url:
         async with kb.AsyncClient(url) as client:
