@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
+import httpx
 from jupyter_client.asynchronous import AsyncKernelClient
 
 
@@ -47,3 +52,30 @@ def raw_client(connection_info: dict) -> AsyncKernelClient:
 
 def row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def start_server(port: int, **settings: object) -> subprocess.Popen:
+    """`kernelbox serve` in its own process group; settings become KERNELBOX_* variables."""
+    env = {**os.environ, **{f"KERNELBOX_{k.upper()}": str(v) for k, v in settings.items()}}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kernelbox.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def wait_ready(url: str, idle: int = 0, timeout: float = 600) -> None:
+    """Until the service answers and its pool has `idle` warm kernels."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(base_url=url) as client:
+        while time.monotonic() < deadline:
+            try:
+                body = (await client.get("/readyz")).json()
+                if body.get("idle_kernels", 0) >= idle:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass  # not listening yet
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"the service at {url} did not get {idle} warm kernels in {timeout} s")

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.common import row, stats_ms
+from bench.common import row, start_server, stats_ms, wait_ready
 
 STACK_CODE = (
     "import numpy as np\n"
@@ -52,34 +52,6 @@ NICE = 10
 
 def expected(n: int) -> str:
     return f"{sum(range(n))} {n}\n"
-
-
-def start_server(port: int, data_dir: Path, templates: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "KERNELBOX_MIN_IDLE": "0",  # no warm kernels: this measures /run_code only
-        "KERNELBOX_DATA_DIR": str(data_dir),
-        "KERNELBOX_RUN_CODE_TEMPLATES": str(templates),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "kernelbox.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-async def wait_up(client: httpx.AsyncClient, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if (await client.get("/healthz")).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError("the server did not come up")
 
 
 async def drive(
@@ -218,7 +190,10 @@ def cpu_seconds(procs: list[psutil.Process], children: bool) -> float:
 
 async def main(args: argparse.Namespace) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="kb-bench-"))
-    server = start_server(args.port, data_dir, args.templates)
+    # No warm kernels: this measures /run_code only.
+    server = start_server(
+        args.port, min_idle=0, data_dir=data_dir, run_code_templates=args.templates
+    )
     url = f"http://127.0.0.1:{args.port}"
     probe = httpx.AsyncClient(base_url=url, timeout=30)
     clients: asyncio.Queue[Connection] = asyncio.Queue()
@@ -243,7 +218,7 @@ async def main(args: argparse.Namespace) -> None:
     totals: dict[str, dict] = {}
     root: Path | None = None
     try:
-        await wait_up(probe)
+        await wait_ready(url)
         # First use starts the templates; then a warm-up burst.
         await kernelbox_run(clients, STACK_CODE)(0)
         await asyncio.sleep(2)

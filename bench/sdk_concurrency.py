@@ -18,45 +18,12 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 
-import httpx
-
-from bench.common import row
+from bench.common import row, start_server, wait_ready
 from kernelbox import AsyncClient, AsyncSession
-
-
-def start_server(port: int, sessions: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        # Few warm kernels: a pool refilling 64 kernels during the phases would measure that.
-        "KERNELBOX_MIN_IDLE": "4",
-        "KERNELBOX_MAX_SESSIONS": str(sessions + 8),
-        "KERNELBOX_DATA_DIR": tempfile.mkdtemp(prefix="kb-sdk-bench-"),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "kernelbox.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-
-async def wait_idle(url: str, n: int, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(base_url=url) as client:
-        while time.monotonic() < deadline:
-            try:
-                if (await client.get("/readyz")).json().get("idle_kernels", 0) >= n:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"the pool did not reach {n} idle kernels")
 
 
 async def phase(sessions: list[AsyncSession], seconds: float, op: str) -> tuple[float, float, int]:
@@ -91,9 +58,15 @@ async def main(args: argparse.Namespace) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        server = start_server(port, args.sessions)
+        # Few warm kernels: a pool refilling 64 kernels during the phases would measure that.
+        server = start_server(
+            port,
+            min_idle=4,
+            max_sessions=args.sessions + 8,
+            data_dir=tempfile.mkdtemp(prefix="kb-sdk-bench-"),
+        )
         url = f"http://127.0.0.1:{port}"
-        await wait_idle(url, 4)
+        await wait_ready(url, 4)
     try:
         async with AsyncClient(url) as client:
             sessions = [await client.create_session() for _ in range(args.sessions)]
@@ -102,7 +75,7 @@ async def main(args: argparse.Namespace) -> None:
                 s._requester = client._shared
             for s in sessions:
                 await s.execute("x = 1")
-            await wait_idle(url, 4)  # the pool has refilled: nothing else runs during phases
+            await wait_ready(url, 4)  # the pool has refilled: nothing else runs during phases
             await asyncio.sleep(2)
             results: dict[str, list[tuple[float, float, int]]] = {"own": [], "shared": []}
             for _ in range(args.phases):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,41 +22,30 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.common import raw_client, raw_roundtrip, row, stats_ms, timed
-from sandbox.backends.local import LocalBackend
+from bench.common import (
+    raw_client,
+    raw_roundtrip,
+    row,
+    start_server,
+    stats_ms,
+    timed,
+    wait_ready,
+)
+from bench.engine import make_backend
 from sandbox.session import KernelSession
 
 
-def start_server(port: int, data_dir: Path, min_idle: int, max_sessions: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "KERNELBOX_MIN_IDLE": str(min_idle),
-        "KERNELBOX_MAX_SESSIONS": str(max_sessions),
-        "KERNELBOX_DATA_DIR": str(data_dir),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "kernelbox.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def connection_info_of(server_pid: int, session_id: str, backend: str) -> dict:
+    """The connection info of a session's kernel, found from outside the service."""
+    if backend == "docker":
+        import docker
 
-
-async def wait_idle(client: httpx.AsyncClient, n: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            body = (await client.get("/readyz")).json()
-            if body.get("idle_kernels", 0) >= n:
-                return
-        except httpx.HTTPError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"pool did not reach {n} idle kernels")
-
-
-def connection_info_of(server_pid: int, session_id: str) -> dict:
+        for container in docker.from_env().containers.list(filters={"label": "kernelbox.kernel"}):
+            mounts = {m["Destination"]: m["Source"] for m in container.attrs["Mounts"]}
+            if any(session_id in source for source in mounts.values()):
+                runtime = mounts["/run/kernelbox"]
+                info = json.loads(Path(runtime, "connection.json").read_text())
+                return {**info, "ip": f"{runtime}/k"}  # the host side of the socket paths
     for proc in psutil.Process(server_pid).children(recursive=True):
         try:
             if session_id in proc.cwd():
@@ -97,19 +84,26 @@ async def throughput(workers: list, seconds: float) -> tuple[int, int]:
 async def main(args: argparse.Namespace) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="kb-bench-"))
     port = args.port
-    server = start_server(port, data_dir, min_idle=args.warm, max_sessions=args.sessions + 8)
+    server = start_server(
+        port,
+        min_idle=args.warm,
+        max_sessions=args.sessions + 8,
+        data_dir=data_dir,
+        backend=args.backend,
+    )
+    url = f"http://127.0.0.1:{port}"
     limits = httpx.Limits(
         max_connections=args.sessions + 8, max_keepalive_connections=args.sessions + 8
     )
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits)
-    backend = LocalBackend()
+    backend = make_backend(args.backend)  # for the cold starts, in this process
     try:
-        await wait_idle(client, args.warm)
+        await wait_ready(url, args.warm)
 
         # 1. warm session ready vs cold start
         warm_t, cold_t = [], []
         for i in range(args.ready_rounds):
-            await wait_idle(client, 1)
+            await wait_ready(url, 1)
 
             async def ready() -> None:
                 sid = (await client.post("/v1/sessions", json={})).json()["id"]
@@ -130,7 +124,7 @@ async def main(args: argparse.Namespace) -> None:
 
         # 2. HTTP execute vs raw round trip on the same kernel
         sid = (await client.post("/v1/sessions", json={})).json()["id"]
-        raw = raw_client(connection_info_of(server.pid, sid))
+        raw = raw_client(connection_info_of(server.pid, sid, args.backend))
         for _ in range(20):
             await http_execute(client, sid)
             await raw_roundtrip(raw)
@@ -149,7 +143,7 @@ async def main(args: argparse.Namespace) -> None:
             response = await client.post("/v1/sessions", json={})
             response.raise_for_status()
             ids.append(response.json()["id"])
-        raws = [raw_client(connection_info_of(server.pid, s)) for s in ids]
+        raws = [raw_client(connection_info_of(server.pid, s, args.backend)) for s in ids]
         # One HTTP client per session: httpx's shared connection pool costs O(connections) per
         # request (encode/httpx#3215) and would measure the client instead of the service.
         ssl_ctx = httpx.create_ssl_context()
@@ -185,7 +179,7 @@ async def main(args: argparse.Namespace) -> None:
     w, c = stats_ms(warm_t), stats_ms(cold_t)
     h, r = stats_ms(http_t), stats_ms(raw_t)
     http_rate, raw_rate = sum(http_rates) / len(http_rates), sum(raw_rates) / len(raw_rates)
-    print("### Service (local backend, `kernelbox serve` in its own process)\n")
+    print(f"### Service ({args.backend} backend, `kernelbox serve` in its own process)\n")
     print(row("measure", "p50 ms", "p99 ms", "n"))
     print(row("---", "---", "---", "---"))
     print(
@@ -228,6 +222,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8731)
+    parser.add_argument("--backend", choices=["local", "docker"], default="local")
     parser.add_argument("--warm", type=int, default=4)
     parser.add_argument("--ready-rounds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=300)
