@@ -116,11 +116,11 @@ else
     export DOCKER_BUILDKIT=0
 fi
 
-# Both images carry the hash of the kernel_boot.py they were built from: the backend compares
-# it with its own copy and warns when the kernel image is stale (kernel_boot.py is copied into
-# the image, so an edit needs a rebuild). In the service image, that copy is the one it runs.
-boot_sha="$(sha256sum sandbox/kernel_boot.py | cut -d' ' -f1)"
-build_args+=(--label "kernelbox.kernel_boot.sha256=$boot_sha")
+# Both images carry the hash of the boot files they were built from (kernel_boot.py and
+# forkserver_boot.py, copied into the kernel image): the backend compares it with its own copies
+# and warns when the kernel image is stale. In the service image, those copies are the ones it runs.
+boot_sha="$(cat sandbox/kernel_boot.py sandbox/forkserver_boot.py | sha256sum | cut -d' ' -f1)"
+build_args+=(--label "kernelbox.boot.sha256=$boot_sha")
 
 build() {  # build DOCKERFILE IMAGE
     log "building $2 ($1) on $base"

@@ -22,10 +22,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class QuietProbes(logging.Filter):
+    """Drop access-log lines of successful health probes (one every few seconds, forever)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        # uvicorn.access args: (client, method, path, http version, status)
+        return not (len(args) == 5 and args[2] in ("/healthz", "/readyz") and args[4] == 200)
+
+
 def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("uvicorn.access").addFilter(QuietProbes())
     if not settings.api_key:
         if is_loopback(settings.host):
             log.warning("no API key configured: listening on %s (loopback) only", settings.host)

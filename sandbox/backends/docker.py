@@ -127,16 +127,18 @@ def our_containers_filter(instance: str | None = None, pid: int | None = None) -
 
 
 def _warn_if_stale(image: str, labels: dict[str, str]) -> None:
-    """An image built from another kernel_boot.py than this checkout's runs other code."""
-    built = labels.get("kernelbox.kernel_boot.sha256")
+    """An image built from other boot files than this checkout's runs other code."""
+    built = labels.get("kernelbox.boot.sha256")
     try:
-        here = hashlib.sha256(BOOT_SCRIPT.read_bytes()).hexdigest()
+        here = hashlib.sha256(
+            BOOT_SCRIPT.read_bytes() + (BOOT_SCRIPT.parent / "forkserver_boot.py").read_bytes()
+        ).hexdigest()
     except OSError:
         return  # installed without the source next to it
     if built and built != here:
         log.warning(
-            "image %s was built from another sandbox/kernel_boot.py than this one; "
-            "rebuild it with scripts/build-kernel-image.sh",
+            "image %s was built from other sandbox/kernel_boot.py or forkserver_boot.py "
+            "files than these; rebuild it with scripts/build-kernel-image.sh",
             image,
         )
 
