@@ -446,32 +446,13 @@ async def _launch_local(
     env.update(_template_env(options, backend))
     if backend.private_network:
         env["KERNELBOX_UNSHARE_NET"] = "1"
-    env["KERNELBOX_PARENT_PID"] = str(os.getpid())  # as local kernels: gone with the service
     socket_path = runtime_dir / SOCKET_NAME
-    with open(runtime_dir / "kernel.log", "wb") as logfile:  # LocalKernel.log_tail reads it
-        proc = await asyncio.create_subprocess_exec(
-            backend.python,
-            str(BOOT_SCRIPT),
-            "--socket",
-            str(socket_path),
-            "--runs",
-            str(runs),
-            "--slots",
-            str(options.slots),
-            "--prefork",
-            str(options.prefork),
-            cwd=runtime_dir,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=logfile,
-            stderr=logfile,
-            start_new_session=True,
-        )
-    # Registered like a kernel: the backend's close() kills it and everything it forked.
-    registry = backend._kernels
-    handle = _LocalTemplate(proc, runtime_dir, runtime_dir, {}, registry)
+    argv = [backend.python, str(BOOT_SCRIPT), "--socket", str(socket_path), "--runs", str(runs)]
+    argv += ["--slots", str(options.slots), "--prefork", str(options.prefork)]
+    # Launched like a kernel: the backend's close() kills it and everything it forked.
+    handle = await backend.launch(argv, runtime_dir, runtime_dir, env, kind=_LocalTemplate)
+    assert isinstance(handle, _LocalTemplate)
     handle.scratch = runs if runs.parent != runtime_dir else None
-    registry.add(handle)
     return handle, socket_path
 
 
@@ -503,8 +484,6 @@ def _scratch_dir() -> Path | None:
 async def _launch_docker(backend, options: ForkServerOptions) -> tuple[KernelProcess, Path]:
     from .backends import docker as d
 
-    if backend._closed:
-        raise ForkServerError("the Docker backend is closed")
     template_id = f"fs{uuid.uuid4().hex[:10]}"
     # 0700 and the service's: the template (root with DAC_OVERRIDE) gets in, runs do not.
     runtime_dir = Path(tempfile.mkdtemp(prefix="f-", dir=backend.runtime_root))
@@ -512,11 +491,10 @@ async def _launch_docker(backend, options: ForkServerOptions) -> tuple[KernelPro
     # A random uid range per template: no other container's processes share these uids
     # (RLIMIT_NPROC counts per uid across the host).
     uid_base = 1_000_000 + secrets.randbelow(1_000_000) * 1024
-    try:
-        # The kernel containers' arguments (limits, no network, read-only root, labels that
-        # let a later backend reap it as an orphan), then what a template needs on top.
-        kwargs = backend._container_args(template_id, runtime_dir, runtime_dir, {})
-        kwargs["mounts"] = [m for m in kwargs["mounts"] if m["Target"] != d.CONTAINER_WORKDIR]
+
+    def as_template(kwargs: dict) -> None:
+        """The kernel containers' arguments (limits, no network, read-only root, labels that
+        let a later backend reap it as an orphan), then what a template needs on top."""
         env = kwargs["environment"]
         env.update(_template_env(options, backend))
         env["HOME"] = CONTAINER_RUNS
@@ -543,22 +521,11 @@ async def _launch_docker(backend, options: ForkServerOptions) -> tuple[KernelPro
             cap_add=TEMPLATE_CAPS,
             sysctls=NO_SYSV_IPC,
         )
-        container = await backend._call(backend.client.containers.create, **kwargs)
-    except BaseException:
-        await asyncio.to_thread(_rmtree, runtime_dir)
-        raise
-    loop = asyncio.get_running_loop()
-    handle = d.DockerKernel(backend, container, template_id, runtime_dir, runtime_dir, {}, loop)
-    with backend._lock:  # registered before it starts, so its death is not missed
-        backend._kernels[handle.container_id] = handle
+
     try:
-        await backend._call(container.start)
-        state = (await backend._call(handle._inspect))["State"]
-    except BaseException:
-        await handle.kill()
-        await handle.cleanup()
-        raise
-    handle.host_pid = state.get("Pid") or None
+        handle = await backend.launch(template_id, None, runtime_dir, {}, customize=as_template)
+    except RuntimeError as exc:
+        raise ForkServerError(str(exc)) from exc
     return handle, runtime_dir / SOCKET_NAME
 
 

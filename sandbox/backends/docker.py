@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -405,8 +406,6 @@ class DockerBackend(KernelBackend):
     # -- start -------------------------------------------------------------------------------
 
     async def start(self, workdir: Path, env: dict[str, str] | None = None) -> DockerKernel:
-        if self._closed:
-            raise RuntimeError("the Docker backend is closed")
         workdir = Path(workdir).resolve()
         kernel_id = uuid.uuid4().hex[:12]
         runtime_dir = Path(tempfile.mkdtemp(prefix="k-", dir=self.runtime_root))
@@ -416,13 +415,45 @@ class DockerBackend(KernelBackend):
             write_connection_file(runtime_dir / "connection.json", inside)
             if self._chown:
                 await self._call(self._give_to_kernel, workdir, runtime_dir)
-            kwargs = self._container_args(kernel_id, workdir, runtime_dir, env or {})
+        except BaseException:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise
+        kernel = await self.launch(kernel_id, workdir, runtime_dir, env or {}, info=info)
+        if self._chown:
             loop = asyncio.get_running_loop()
+            kernel._sealer = loop.create_task(kernel._seal_runtime_dir(self.config.start_timeout))
+        return kernel
+
+    async def launch(
+        self,
+        kernel_id: str,
+        workdir: Path | None,
+        runtime_dir: Path,
+        env: dict[str, str],
+        *,
+        info: dict | None = None,
+        customize: Callable[[dict[str, Any]], None] | None = None,
+    ) -> DockerKernel:
+        """Create, register and start one container of ours, hardened as a kernel's.
+
+        `customize` may change the container's arguments before it is created (the fork
+        server's template does: another entry point, no working directory mount). On failure
+        nothing is left: the container is removed and `runtime_dir` too.
+        """
+        if self._closed:
+            raise RuntimeError("the Docker backend is closed")
+        try:
+            kwargs = self._container_args(kernel_id, workdir, runtime_dir, env)
+            if customize is not None:
+                customize(kwargs)
             container = await self._call(self.client.containers.create, **kwargs)
         except BaseException:
             shutil.rmtree(runtime_dir, ignore_errors=True)
             raise
-        kernel = DockerKernel(self, container, kernel_id, workdir, runtime_dir, info, loop)
+        loop = asyncio.get_running_loop()
+        kernel = DockerKernel(
+            self, container, kernel_id, workdir or runtime_dir, runtime_dir, info or {}, loop
+        )
         # Registered before it starts, so its die event cannot arrive unclaimed.
         with self._lock:
             self._kernels[kernel.container_id] = kernel
@@ -437,8 +468,6 @@ class DockerBackend(KernelBackend):
         # The engine's pid is the host's: meaningless in a service that runs in a container
         # of its own (another pid namespace), where it may even name another process.
         kernel.host_pid = pid if pid and _in_cgroup_of(pid, kernel.container_id) else None
-        if self._chown:
-            kernel._sealer = loop.create_task(kernel._seal_runtime_dir(self.config.start_timeout))
         return kernel
 
     def _give_to_kernel(self, workdir: Path, runtime_dir: Path) -> None:
@@ -456,7 +485,7 @@ class DockerBackend(KernelBackend):
         os.chown(workdir, uid, gid)
 
     def _container_args(
-        self, kernel_id: str, workdir: Path, runtime_dir: Path, extra: dict[str, str]
+        self, kernel_id: str, workdir: Path | None, runtime_dir: Path, extra: dict[str, str]
     ) -> dict:
         cfg = self.config
         lim = cfg.limits
@@ -511,7 +540,11 @@ class DockerBackend(KernelBackend):
             "read_only": True,
             "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={int(self.tmp_bytes)},mode=1777"},
             "mounts": [
-                Mount(CONTAINER_WORKDIR, str(self.host_paths.to_host(workdir)), type="bind"),
+                *(
+                    [Mount(CONTAINER_WORKDIR, str(self.host_paths.to_host(workdir)), type="bind")]
+                    if workdir is not None
+                    else []
+                ),
                 Mount(CONTAINER_RUNTIME, str(self.host_paths.to_host(runtime_dir)), type="bind"),
             ],
             "cap_drop": ["ALL"],

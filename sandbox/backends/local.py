@@ -196,21 +196,33 @@ class LocalBackend(KernelBackend):
             kenv["KERNELBOX_UNSHARE_NET"] = "1"
         if cfg.limits.nice:
             kenv["KERNELBOX_NICE"] = str(cfg.limits.nice)
-        kenv["KERNELBOX_PARENT_PID"] = str(os.getpid())
+        argv = [self.python, str(BOOT_SCRIPT), "-f", str(conn_file)]
+        return await self.launch(argv, workdir, runtime_dir, kenv, info=info)
+
+    async def launch(
+        self,
+        argv: list[str],
+        cwd: Path,
+        runtime_dir: Path,
+        env: dict[str, str],
+        *,
+        info: dict | None = None,
+        kind: type[LocalKernel] = LocalKernel,
+    ) -> LocalKernel:
+        """Start one process of ours (a kernel, or a fork server's template): its own process
+        group, output to `runtime_dir/kernel.log`, dying with the service, killed by `close`."""
+        env = {**env, "KERNELBOX_PARENT_PID": str(os.getpid())}
         with open(runtime_dir / "kernel.log", "wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                self.python,
-                str(BOOT_SCRIPT),
-                "-f",
-                str(conn_file),
-                cwd=workdir,
-                env=kenv,
+                *argv,
+                cwd=cwd,
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # own process group: signals reach the kernel only
             )
-        kernel = LocalKernel(proc, workdir, runtime_dir, info, self._kernels)
+        kernel = kind(proc, cwd, runtime_dir, info or {}, self._kernels)
         self._kernels.add(kernel)
         return kernel
 
