@@ -33,8 +33,13 @@ lint: $(VENV)/.installed
 image:
 	./scripts/build-kernel-image.sh $(IMAGE)
 
+# The figures in docs/benchmarks.md (several minutes; run on a quiet machine).
 bench: $(VENV)/.installed
-	$(PY) bench/run.py
+	$(PY) -m bench.engine --backends local,docker
+	$(PY) -m bench.service
+	$(PY) -m bench.service --backend docker --sessions 32 --port 8742
+	$(PY) -m bench.runcode
+	$(PY) -m bench.sdk_concurrency
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
