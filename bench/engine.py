@@ -34,6 +34,7 @@ class Series:
     cold: list[float] = field(default_factory=list)
     engine: list[float] = field(default_factory=list)
     raw: list[float] = field(default_factory=list)
+    pss: list[int | None] = field(default_factory=list)
 
 
 async def main(backends: list[str], rounds: int, cold_starts: int) -> None:
@@ -66,6 +67,13 @@ async def main(backends: list[str], rounds: int, cold_starts: int) -> None:
                     s.raw.append(await timed(lambda raw=raw: raw_roundtrip(raw)))
         for raw in raws.values():
             raw.stop_channels()
+        # Idle memory: the benchmark's kernel and one more of the same backend, both idle; PSS
+        # splits what they share (libraries, the page cache) between them.
+        for name, s in series.items():
+            sessions[f"{name}-2"] = await KernelSession.start(s.backend, root / f"idle-{name}")
+            await asyncio.sleep(2)
+            for session in (sessions[name], sessions[f"{name}-2"]):
+                s.pss.append(session.kernel.proc.memory_pss())  # type: ignore[attr-defined]
     finally:
         for session in sessions.values():
             await session.close()
@@ -84,6 +92,9 @@ async def main(backends: list[str], rounds: int, cold_starts: int) -> None:
             st = stats_ms(samples)
             print(row(name, label, format(st["p50"], fmt), format(st["p99"], fmt), len(samples)))
     print()
+    for name, s in series.items():
+        mib = ", ".join(f"{p / 2**20:.0f} MiB" for p in s.pss if p)
+        print(f"- {name}: PSS of two idle kernels: {mib or 'not measurable here'}")
     for name, s in series.items():
         ratio = stats_ms(s.engine)["p50"] / stats_ms(s.raw)["p50"]
         print(f"- {name}: engine / raw round trip (p50): **{ratio:.2f}x**")

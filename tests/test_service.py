@@ -72,6 +72,21 @@ async def test_session_contract(client):
     assert gone.json()["error"]["code"] == "not_found"
 
 
+async def test_session_env_reaches_the_code_and_survives_a_restart(client):
+    created = await client.post("/v1/sessions", json={"env": {"MY_SETTING": "on"}})
+    sid = created.json()["id"]
+    code = {"code": "import os\nos.environ.get('MY_SETTING')"}
+    try:
+        first = await client.post(f"/v1/sessions/{sid}/execute", json=code)
+        assert first.json()["results"][0]["data"]["text/plain"] == "'on'"
+        assert first.json()["execution_count"] == 1  # setting it up ran no visible cell
+        await client.post(f"/v1/sessions/{sid}/restart")
+        again = await client.post(f"/v1/sessions/{sid}/execute", json=code)
+        assert again.json()["results"][0]["data"]["text/plain"] == "'on'"
+    finally:
+        await client.delete(f"/v1/sessions/{sid}")
+
+
 async def test_execution_contract(client, session_id):
     response = await client.post(
         f"/v1/sessions/{session_id}/execute",
