@@ -100,8 +100,10 @@ class ForkServerOptions:
     #: bytes of fetched files returned per run at most; larger files are left out
     fetch_cap_bytes: int = 64 * 1024**2
     start_timeout: float = 120.0
-    #: glibc's heap on transparent huge pages in the template: fewer page-table entries for
-    #: each fork to copy and each exit to free (measured here: a fifth less CPU per run)
+    #: the template's memory on transparent huge pages (glibc's heap grows on them; the rest,
+    #: pymalloc's arenas included, is collapsed into them once the data stack is imported):
+    #: fewer page-table entries for each fork to copy and each exit to free. Measured here:
+    #: about a tenth less CPU per fork, run and exit (bench/fork_cost.py)
     hugepages: bool = True
     #: after the template reports a run's end, how long its pipes may take to reach EOF
     drain_grace: float = 2.0
@@ -418,6 +420,7 @@ def _template_env(options: ForkServerOptions, backend: KernelBackend) -> dict[st
         env["KERNELBOX_NICE"] = str(lim.nice)
     if options.hugepages:
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+        env["KERNELBOX_HUGEPAGES"] = "1"
     return env
 
 
