@@ -31,7 +31,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import psutil
 
 from bench.common import row, start_server, stats_ms, wait_ready
@@ -195,7 +194,6 @@ async def main(args: argparse.Namespace) -> None:
         args.port, min_idle=0, data_dir=data_dir, run_code_templates=args.templates
     )
     url = f"http://127.0.0.1:{args.port}"
-    probe = httpx.AsyncClient(base_url=url, timeout=30)
     clients: asyncio.Queue[Connection] = asyncio.Queue()
     for _ in range(args.concurrency):
         clients.put_nowait(Connection("127.0.0.1", args.port))
@@ -261,7 +259,6 @@ async def main(args: argparse.Namespace) -> None:
                 t["cpu"] += cpu_now() - before
                 print(f"{name}: {n / wall:.1f}/s, errors {err}", file=sys.stderr)
     finally:
-        await probe.aclose()
         while not clients.empty():
             clients.get_nowait().close()
         server.terminate()

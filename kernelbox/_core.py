@@ -202,8 +202,7 @@ def session_path(session_id: str) -> str:
 
 
 def file_path(session_id: str, path: str | Image) -> str:
-    if isinstance(path, Image):
-        path = path.path
+    path = remote_path(path)
     # `.` and `..` are escaped so that the URL is not normalised into another route: the
     # service sees the path as given, and refuses what leads out of the working directory.
     segments = [

@@ -12,26 +12,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from .client import Client, Session
 from .errors import KernelboxError
 from .events import ErrorEvent, ResultEvent, StderrEvent, StdoutEvent
-from .models import ErrorInfo, Execution, Result
+from .models import Envelope, ErrorInfo, Execution, Result, Style
 from .rendering import render
 
-FORMATS = [
-    "qwen",
-    "plain",
-    "text",
-    "openai",
-    "function",
-    "tool_response",
-    "output_block",
-    "react",
-    "qwen_fn",
-    "json",
-]
+FORMATS = [*get_args(Style), *get_args(Envelope), "json"]
 EXIT_STATUS = {"ok": 0, "error": 1, "died": 1, "timeout": 124}
 SERVICE_ERROR = 2
 THROWAWAY_IDLE_TIMEOUT = 60.0

@@ -7,7 +7,7 @@ fields added here only extend it.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,7 +105,7 @@ def render_options(fmt: Format | None, default_envelope: Envelope = "text") -> R
     ```output block of TIR/RL prompts holds raw output (`plain`); the others `qwen`."""
     if isinstance(fmt, RenderOptions):
         return fmt
-    if fmt in ("qwen", "plain"):
+    if fmt in get_args(Style):
         return RenderOptions(style=fmt, envelope=default_envelope)  # type: ignore[arg-type]
     envelope = fmt or default_envelope
     style = "plain" if envelope == "output_block" else "qwen"

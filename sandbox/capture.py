@@ -119,10 +119,8 @@ class OutputCapture:
         self._note("some output was lost on the way from the kernel (a message was too large)")
 
     def stream(self, name: str, text: str, dropped: int = 0) -> None:
-        if name not in ("stdout", "stderr"):
-            name = "stderr"
+        """`name` is "stdout" or "stderr" and `text` already cleaned (see feed)."""
         self._apply_pending_clear()
-        text = clean_text(text)
         state = self._streams.setdefault(name, _StreamState())
         last = self._items[-1] if self._items else None
         if last is not None and last.kind == "stream" and last.name == name:

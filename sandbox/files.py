@@ -101,9 +101,10 @@ def read_file(root: Path, path: str, max_bytes: int | None = None) -> bytes:
         except OSError as exc:
             raise _refusal(exc, parts[-1]) from exc
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise FileNotFoundError(f"{path!r} is not a regular file")
-            size = os.fstat(f.fileno()).st_size
+            size = st.st_size
             if max_bytes is not None and size > max_bytes:
                 raise FileTooLarge(f"{path!r} is {size} bytes, over the {max_bytes}-byte limit")
             return f.read()

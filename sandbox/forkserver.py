@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import struct
 import tempfile
@@ -45,10 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import psutil
-
 from .backends.base import KernelBackend, KernelProcess
-from .backends.local import LocalBackend, LocalKernel, kernel_env, rlimits_for
+from .backends.local import LocalBackend, LocalKernel, kernel_env, rlimits_for, tree_pss
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,6 @@ class Template:
         self.socket_path = socket_path
         self.slots = slots
         self.active = 0
-        self.pid: int | None = None  # the template's pid where it runs (for tests, PSS)
         self.death: asyncio.Task = asyncio.get_running_loop().create_task(proc.wait())
 
     @property
@@ -169,7 +167,6 @@ class Template:
                 except OSError:
                     reply = None
                 if reply and reply.get("ok"):
-                    self.pid = reply.get("pid")
                     if reply.get("boot_sha256") not in (None, _boot_hash()):
                         log.warning(
                             "the fork server runs another forkserver_boot.py than this "
@@ -262,12 +259,6 @@ class Template:
         """Proportional set size of the template with the children it has forked ahead of
         demand (they share its pages, so its own PSS alone would undercount); measured idle,
         that is the template's whole cost. Docker: of the whole container."""
-        if isinstance(self.proc, LocalKernel):
-            try:
-                root = psutil.Process(self.proc.pid)
-                return sum(p.memory_full_info().pss for p in [root, *root.children(True)])
-            except (psutil.Error, AttributeError):
-                return None
         pss = getattr(self.proc, "memory_pss", None)
         return pss() if pss else None
 
@@ -331,7 +322,6 @@ class ForkServer:
         self._closed = False
         self._failed_at = 0.0
         self._last_error = ""
-        self.runs_total = 0
 
     async def start(self) -> None:
         """Start the missing templates (also called by `run` on first use)."""
@@ -382,7 +372,6 @@ class ForkServer:
                 return await template.run(req, self.options)
             finally:
                 template.active -= 1
-                self.runs_total += 1
 
     def memory_pss(self) -> list[int | None]:
         return [t.memory_pss() for t in self.templates]
@@ -464,10 +453,13 @@ class _LocalTemplate(LocalKernel):
 
     scratch: Path | None = None
 
+    def memory_pss(self) -> int | None:
+        return tree_pss(self.pid)  # with the children it forked ahead of demand
+
     async def cleanup(self) -> None:
         await super().cleanup()
         if self.scratch is not None:
-            _rmtree(self.scratch)
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def _scratch_dir() -> Path | None:
@@ -530,12 +522,6 @@ async def _launch_docker(backend, options: ForkServerOptions) -> tuple[KernelPro
     except RuntimeError as exc:
         raise ForkServerError(str(exc)) from exc
     return handle, runtime_dir / SOCKET_NAME
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- low-level helpers -------------------------------------------------------------------------

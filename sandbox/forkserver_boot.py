@@ -3,7 +3,7 @@
 Standalone on purpose, like kernel_boot.py next to it (stdlib + that file only): the Docker
 image copies both into /opt/kernelbox. Usage:
 
-    python forkserver_boot.py --socket PATH --runs DIR [--uid-base N --slots N]
+    python forkserver_boot.py --socket PATH --runs DIR [--uid-base N --slots N] [--prefork N]
 
 The template imports the data stack once (nothing that holds threads, sockets or event loops:
 the loop below is `selectors`, never asyncio, whose running-loop state a child would inherit),
@@ -39,6 +39,8 @@ Configuration from the environment (removed once read):
     KERNELBOX_NICE          niceness added to every child (not the template: every run waits
                             for its fork, so it must not queue behind the runs' code)
     KERNELBOX_UNSHARE_NET   "1": the template (and so every child) leaves the host network
+    KERNELBOX_HUGEPAGES     "1": once the imports are done, collapse the template's private
+                            memory into huge pages (see collapse_to_huge_pages)
     KERNELBOX_PRELOAD       comma-separated modules imported once by the template
     KERNELBOX_SWEEP         colon-separated shared directories cleaned of a run's files
     KERNELBOX_FETCH_CAP     bytes of fetched files returned per run at most

@@ -6,7 +6,7 @@ must not import the rest of the engine. Usage:
     python kernel_boot.py -f /path/to/connection.json
 
 Configuration comes from environment variables, removed from the environment once read:
-    KERNELBOX_RLIMITS       JSON {"AS": bytes, "FSIZE": bytes, "NOFILE": n, "NPROC": n}
+    KERNELBOX_RLIMITS       JSON {"AS": bytes, "FSIZE": bytes, "NOFILE": n, "CORE": 0}
     KERNELBOX_UNSHARE_NET   "1": move into a private network namespace (no interfaces)
     KERNELBOX_OUTPUT_CAP    characters per stream per execution sent before only the tail is kept
     KERNELBOX_IMAGE_CAP     bytes (decoded) of one image in a display; larger ones are replaced

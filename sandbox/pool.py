@@ -55,7 +55,6 @@ class KernelPool:
         self.refill_delay = refill_delay
         self._delayed_wakeup: asyncio.TimerHandle | None = None
         self.last_error: str | None = None
-        self.started_total = 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -109,9 +108,6 @@ class KernelPool:
         self._delayed_wakeup = None
         self._wakeup.set()
 
-    async def discard(self, warm: WarmKernel) -> None:
-        await self._discard(warm)
-
     # -- internals ------------------------------------------------------------------------
 
     def new_workdir(self) -> tuple[str, Path]:
@@ -134,7 +130,6 @@ class KernelPool:
         finally:
             self._starting -= 1
         self.last_error = None
-        self.started_total += 1
         return WarmKernel(kernel, workdir, kid)
 
     async def _discard(self, warm: WarmKernel) -> None:

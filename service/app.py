@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from kernelbox import __version__
 from sandbox.backends.base import KernelBackend, KernelConfig, Limits
 from sandbox.capture import CaptureLimits
 from sandbox.manager import ManagerOptions, SessionManager
@@ -25,8 +26,6 @@ from .routes import execute, files, health, sandboxfusion, sessions, tools
 from .settings import Settings
 
 log = logging.getLogger("kernelbox")
-
-VERSION = "0.1.0"
 
 
 def kernel_config(settings: Settings) -> KernelConfig:
@@ -104,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="kernelbox",
-        version=VERSION,
+        version=__version__,
         summary="Sandboxed, stateful Python code interpreter for LLM agents.",
         lifespan=lifespan,
     )

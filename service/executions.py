@@ -41,7 +41,6 @@ def finish(
     session_id: str | None,
     fmt: Format | None,
     started: float,
-    default_envelope: str = "text",
 ) -> Execution:
     """Give images their URLs, render `text` if asked, and count the execution."""
     for image in execution.images:
@@ -50,7 +49,7 @@ def finish(
         else:  # one-shot runs keep no files: the URL carries the image itself
             image.url = _data_url(execution, image.path, image.mime)
     if fmt is not None:
-        execution.text = render_text(execution, render_options(fmt, default_envelope))  # type: ignore[arg-type]
+        execution.text = render_text(execution, render_options(fmt))
     request.app.state.metrics.observe(execution.status, time.perf_counter() - started)
     return execution
 

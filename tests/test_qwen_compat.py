@@ -11,13 +11,12 @@ import asyncio
 import re
 
 import pytest
+import qwen_agent.tools.code_interpreter as code_interpreter
 from jupyter_client import BlockingKernelClient
 
 from sandbox.backends.local import LocalBackend
 from sandbox.render import render_text
 from sandbox.session import KernelSession
-
-code_interpreter = pytest.importorskip("qwen_agent.tools.code_interpreter")
 
 IMAGE_RE = re.compile(r"!\[fig-\d+\]\([^)]*\)")
 

@@ -85,7 +85,6 @@ def scripted_model() -> tuple[FastAPI, list[dict]]:
 
 
 def test_openai_tools_example(server, tmp_path):
-    pytest.importorskip("openai")
     app, seen = scripted_model()
     with serving(app) as model_url:
         done = run_example(

@@ -110,7 +110,6 @@ class Display:
             self.console = None
         else:
             self.console = Console(highlight=False)
-        self._last_kind = ""
 
     def show(self, event: AgentEvent) -> None:
         if isinstance(event, TextEvent):
@@ -134,7 +133,6 @@ class Display:
         elif isinstance(event, FinalEvent):
             r = event.result
             self._line(f"\n— {r.tool_calls} tool call(s), ~{r.tokens} tokens, {r.finish_reason}")
-        self._last_kind = getattr(event, "kind", "")
 
     def _text(self, event: TextEvent) -> None:
         style = "dim" if event.thinking else ("italic cyan" if event.role == "request" else "")

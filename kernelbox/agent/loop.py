@@ -143,15 +143,13 @@ class Agent:
             stop = list(self.dialect.stop) if turn.calls < self.config.max_tool_calls else []
             completion = await self._generate(turn, stop, emit)
             text, stopped_at = _cut_at_stop(completion, stop)
-            segment_start = len(turn.assistant)
             turn.assistant += text
             turn.tokens += completion.completion_tokens or _estimate_tokens(text)
-            segment = turn.assistant[segment_start:]
-            parsed = self.dialect.parse(segment, stopped_at) if stop else None
+            parsed = self.dialect.parse(text, stopped_at) if stop else None
             if parsed is None:
                 finish = completion.finish_reason or "stop"
                 break
-            insertion = await self._act(turn, parsed, segment, stopped_at, emit)
+            insertion = await self._act(turn, parsed, text, stopped_at, emit)
             turn.assistant += insertion
             turn.answer_from = len(turn.assistant)
             if turn.tokens >= self.config.token_budget:

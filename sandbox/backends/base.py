@@ -28,7 +28,7 @@ class Limits:
     pids: int | None = 256
     file_size_bytes: int | None = 1024**3
     open_files: int | None = 1024
-    # The working directory's size (Docker: tmpfs/quota; local: enforced by file_size only).
+    # The working directory's size, on both backends watched by the session (quota.py).
     disk_bytes: int | None = 1024**3
     # Niceness added to kernels, so that user code never starves the service (HTTP, health
     # checks, other sessions' messages) of CPU.

@@ -55,7 +55,7 @@ from .base import (
     write_connection_file,
 )
 from .hostpath import HostPaths
-from .local import BOOT_SCRIPT, describe_exit, kernel_env
+from .local import BOOT_SCRIPT, boot_env, describe_exit, kernel_env, tree_pss
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +262,7 @@ class DockerKernel(KernelProcess):
 
     def memory_pss(self) -> int | None:
         """Proportional set size of everything in the container, from the host's /proc."""
-        if self.host_pid is None:
-            return None
-        try:
-            init = psutil.Process(self.host_pid)
-            return sum(p.memory_full_info().pss for p in [init, *init.children(recursive=True)])
-        except (psutil.Error, AttributeError):
-            return None
+        return None if self.host_pid is None else tree_pss(self.host_pid)
 
     def log_tail(self, max_chars: int = 2000) -> str:
         # Sync by contract (used on error paths); after removal the last copy is kept.
@@ -284,15 +278,14 @@ class DockerBackend(KernelBackend):
     containers orphaned by a service that is gone (`reap_orphans`), and starts the event
     stream that reports deaths. `close()` removes every container this backend made.
 
-    Users and files. The kernel must read what the service writes into the working directory
-    (uploads, nothing else) and the service must read and delete what the kernel writes there
-    and in the runtime directory (sockets). So:
+    Users and files. The kernel must read and replace what the service writes into the working
+    directory (uploads, saved images) and the service must read and delete what the kernel
+    writes there and in the runtime directory (sockets). So:
       - service not root: the container runs as the service's own uid:gid; both sides own
         everything they create, no chown is needed. The uid need not exist in the image.
       - service root: the container runs as the image's `sandbox` user (1000:1000) and the
         workdir tree and runtime directory are chowned to it at each start; root reads and
-        deletes anything. Files the service writes later stay root's (readable 0644, and
-        deletable by the kernel since the directory is its own).
+        deletes anything. Files the service writes later are chowned to it too (`file_owner`).
     `user=(uid, gid)` overrides the choice.
     """
 
@@ -499,10 +492,7 @@ class DockerBackend(KernelBackend):
         }.items():
             if key not in cfg.env and key not in extra:
                 env[key] = value
-        env["KERNELBOX_OUTPUT_CAP"] = str(cfg.output_cap_chars)
-        env["KERNELBOX_IMAGE_CAP"] = str(cfg.image_cap_bytes)
-        if lim.nice:
-            env["KERNELBOX_NICE"] = str(lim.nice)
+        env.update(boot_env(cfg))
 
         ulimits = [Ulimit(name="core", soft=0, hard=0)]
         if lim.open_files is not None:

@@ -66,6 +66,26 @@ def rlimits_for(limits: Limits) -> dict[str, int]:
     return {k: int(v) for k, v in spec.items() if v is not None}
 
 
+def tree_pss(pid: int) -> int | None:
+    """Proportional set size of a process and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)])
+    except (psutil.Error, AttributeError):
+        return None
+
+
+def boot_env(config: KernelConfig) -> dict[str, str]:
+    """What kernel_boot.py reads from its environment besides the rlimits."""
+    env = {
+        "KERNELBOX_OUTPUT_CAP": str(config.output_cap_chars),
+        "KERNELBOX_IMAGE_CAP": str(config.image_cap_bytes),
+    }
+    if config.limits.nice:
+        env["KERNELBOX_NICE"] = str(config.limits.nice)
+    return env
+
+
 def kernel_env(config: KernelConfig, workdir: Path, runtime_dir: Path, extra: dict[str, str]):
     """Build the kernel's environment from nothing: no secret of the service leaks in."""
     env = {
@@ -190,12 +210,9 @@ class LocalBackend(KernelBackend):
         kenv = kernel_env(cfg, workdir, runtime_dir, env or {})
         kenv.setdefault("MPLCONFIGDIR", str(self._mpl_dir))
         kenv["KERNELBOX_RLIMITS"] = json.dumps(rlimits_for(cfg.limits))
-        kenv["KERNELBOX_OUTPUT_CAP"] = str(cfg.output_cap_chars)
-        kenv["KERNELBOX_IMAGE_CAP"] = str(cfg.image_cap_bytes)
+        kenv.update(boot_env(cfg))
         if self.private_network:
             kenv["KERNELBOX_UNSHARE_NET"] = "1"
-        if cfg.limits.nice:
-            kenv["KERNELBOX_NICE"] = str(cfg.limits.nice)
         argv = [self.python, str(BOOT_SCRIPT), "-f", str(conn_file)]
         return await self.launch(argv, workdir, runtime_dir, kenv, info=info)
 
