@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 	else echo "no Docker engine reachable: Docker tests will skip"; fi
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	KERNELBOX_IMAGE=$(IMAGE) $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

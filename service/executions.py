@@ -13,11 +13,11 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 
-from kernelbox.models import Execution, Format, render_options
+from kernelbox.models import ErrorBody, ErrorDetail, Execution, Format, render_options
 from sandbox.render import render_text
 from sandbox.session import OnEvent
 
-from .errors import ApiError
+from .errors import ENGINE_ERRORS, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,10 @@ def stream(run: Run, finalize: Callable[[Execution], Execution]) -> StreamingRes
         try:
             execution = finalize(await task)
             yield format_sse_event(event="end", data_str=execution.model_dump_json())
-        except ApiError as exc:
-            body = {"error": {"code": exc.code, "message": exc.message}}
-            yield format_sse_event(event="fail", data_str=json.dumps(body))
-        except Exception as exc:
-            body = {"error": {"code": exc.__class__.__name__, "message": str(exc)}}
-            yield format_sse_event(event="fail", data_str=json.dumps(body))
+        except Exception as exc:  # the response has started: no status left to send
+            code = ENGINE_ERRORS.get(type(exc), (500, exc.__class__.__name__))[1]
+            body = ErrorBody(error=ErrorDetail(code=code, message=str(exc)))
+            yield format_sse_event(event="fail", data_str=body.model_dump_json(exclude_none=True))
 
     return StreamingResponse(
         events(),

@@ -10,6 +10,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from sandbox.manager import SessionManager
+
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()
 
@@ -36,6 +38,14 @@ class Metrics:
         self.reaped = Counter(
             "kernelbox_sessions_reaped", "Sessions closed for being idle", registry=self.registry
         )
+        self._reaped_seen = 0
+
+    def sync(self, manager: SessionManager) -> None:
+        """Read what the engine counts; called at each scrape, the only time it is seen."""
+        self.sessions.set(manager.count)
+        self.pool_idle.set(manager.pool.idle)
+        self.reaped.inc(manager.reaped_total - self._reaped_seen)
+        self._reaped_seen = manager.reaped_total
 
     def observe(self, status: str, seconds: float) -> None:
         self.executions.labels(status=status).inc()

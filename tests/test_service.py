@@ -367,8 +367,14 @@ async def test_code_length_limit(server):
     with running_server(min_idle=0, max_code_chars=100) as small:
         async with small.client() as c:
             response = await c.post("/v1/execute", json={"code": "x" * 101})
+            # Refused before a session is made for it: none is left behind.
+            tool_call = {"arguments": {"code": "x" * 101}}
+            refused = await c.post("/v1/tools/code_interpreter", json=tool_call)
+            sessions = (await c.get("/v1/sessions")).json()
     assert response.status_code == 413
     assert "limit is 100" in response.json()["error"]["message"]
+    assert refused.status_code == 413
+    assert sessions == []
 
 
 async def test_busy_session_answers_409(client, session_id):
@@ -479,6 +485,10 @@ async def test_pool_exhaustion_answers_429_with_retry_after():
             assert full.status_code == 429
             assert full.headers["Retry-After"] == "1"
             assert full.json()["error"]["code"] == "pool_exhausted"
+            # Streamed, the refusal comes as a `fail` event with the same code.
+            streamed = await c.post("/v1/execute", json={"code": "1", "stream": True})
+            assert "event: fail" in streamed.text
+            assert '"code":"pool_exhausted"' in streamed.text
 
 
 async def test_expired_session_is_reaped_and_its_kernel_gone():
@@ -490,6 +500,7 @@ async def test_expired_session_is_reaped_and_its_kernel_gone():
             await asyncio.sleep(3)
             assert (await c.get(f"/v1/sessions/{sid}")).status_code == 404
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+            assert "kernelbox_sessions_reaped_total 1.0" in (await c.get("/metrics")).text
 
 
 async def test_backend_that_cannot_start_kernels_gives_503_not_a_hang(tmp_path):

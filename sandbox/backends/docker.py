@@ -80,8 +80,10 @@ LABEL_CONTAINER = "kernelbox.container"  # the container the owner runs in, if a
 LABEL_CONTAINER_START = "kernelbox.container_started"  # ... and when that one started
 LABEL_CREATED = "kernelbox.created"  # unix time
 
-# A unix socket path has room for 107 bytes; the longest of ours is "<runtime>/k-5".
+# A unix socket path has room for 107 bytes. Ours, under the runtime root: a kernel's
+# "k-xxxxxxxx/k-5" and a fork-server template's "f-xxxxxxxx/fs.sock" (the longer).
 _SOCKET_PATH_MAX = 107
+_LONGEST_SOCKET = "/f-xxxxxxxx/fs.sock"
 _SOCKET_PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
@@ -335,7 +337,7 @@ class DockerBackend(KernelBackend):
         self._own_root = runtime_root is None
         self.runtime_root = runtime_root or Path(tempfile.mkdtemp(prefix="kernelbox-docker-"))
         self.runtime_root.mkdir(parents=True, exist_ok=True)
-        if len(str(self.runtime_root)) + len("/k-xxxxxxxx/k-5") > _SOCKET_PATH_MAX:
+        if len(str(self.runtime_root)) + len(_LONGEST_SOCKET) > _SOCKET_PATH_MAX:
             raise ValueError(f"runtime_root {self.runtime_root} is too long for unix sockets")
         # Bind-mount sources are the engine's host paths; a service in a container translates
         # its own (see hostpath.py). Checked now: a runtime root the engine cannot see fails

@@ -28,6 +28,5 @@ async def readyz(request: Request):
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     state = request.app.state
-    state.metrics.sessions.set(state.manager.count)
-    state.metrics.pool_idle.set(state.manager.pool.idle)
+    state.metrics.sync(state.manager)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -178,27 +178,28 @@ async def run_jupyter(
         fetch = [_checked_path(p, "fetch_files") for p in body.fetch_files]
     except _Refused as exc:
         return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc))
-    loop_time = time.monotonic
-    started = loop_time()
+    started = time.monotonic()
     total = body.total_timeout if body.total_timeout > 0 else request.app.state.settings.max_timeout
     cell_limit = _timeout(request, body.cell_timeout) if body.cell_timeout > 0 else None
     cells: list[CellRunResult] = []
     fetched: dict[str, str] = {}
     timed_out = died = False
     manager = request.app.state.manager
+    owner = manager.pool.backend.file_owner  # the kernel may replace the files it was given
     try:
         async with manager.throwaway() as session:
             # The cells' time starts with the kernel: a cold start when none was warm is ours.
-            deadline = loop_time() + _timeout(request, total)
+            deadline = time.monotonic() + _timeout(request, total)
             try:
                 for path, content in files.items():
-                    sandbox_files.write_file(session.workdir, path, base64.b64decode(content))
+                    data = base64.b64decode(content)
+                    sandbox_files.write_file(session.workdir, path, data, owner=owner)
             except (OSError, ValueError) as exc:
                 return RunJupyterResponse(
                     status=RunStatus.SandboxError, message=f"files: could not write: {exc}"
                 )
             for cell in body.cells:
-                remaining = deadline - loop_time()
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     timed_out = True
                     break
@@ -217,7 +218,7 @@ async def run_jupyter(
                     fetched[path] = base64.b64encode(data).decode()
     except KernelStartError as exc:
         return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc))
-    elapsed = loop_time() - started
+    elapsed = time.monotonic() - started
     if timed_out:
         driver = CommandRunResult(
             status=CommandRunStatus.TimeLimitExceeded, execution_time=elapsed, stdout="", stderr=""

@@ -43,7 +43,6 @@ async def create_session(
     managed = await manager(request).create(
         owner, idle_timeout=body.idle_timeout, env=body.env, metadata=body.metadata
     )
-    request.app.state.metrics.sessions.set(manager(request).count)
     return managed.to_model()
 
 
@@ -65,7 +64,6 @@ async def delete_session(
 ) -> Response:
     """Stop the kernel and remove the session's files."""
     await manager(request).delete(session_id, owner)
-    request.app.state.metrics.sessions.set(manager(request).count)
     return Response(status_code=204)
 
 

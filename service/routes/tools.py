@@ -46,23 +46,25 @@ async def call_code_interpreter(
     """Run the model's tool call; without `session_id` a new session is made (its id is
     returned, so the next call sees the same variables). Malformed arguments come back as a
     tool message the model can act on, not as an HTTP error."""
+    # The arguments are checked first: a call refused with 413 must not leave a new session.
+    try:
+        code, invalid = extract_code(body.arguments), None
+        executions.check_code(request, code)
+    except InvalidArguments as exc:
+        code, invalid = "", exc
     mgr = manager(request)
     if body.session_id is None:
         session_id = (await mgr.create(owner)).id
-        request.app.state.metrics.sessions.set(mgr.count)
     else:
         session_id = mgr.get(body.session_id, owner).id
     started = time.perf_counter()
-    try:
-        code = extract_code(body.arguments)
-    except InvalidArguments as exc:
+    if invalid is not None:
         execution = Execution(
             status="error",
-            error=ErrorInfo(name="InvalidArguments", value=str(exc)),
+            error=ErrorInfo(name="InvalidArguments", value=str(invalid)),
             outputs=[OutputRef(type="error")],
         )
     else:
-        executions.check_code(request, code)
         execution = await mgr.execute(session_id, owner, code, body.timeout)
     options = render_options(body.format, default_envelope="openai")
     execution = executions.finish(
