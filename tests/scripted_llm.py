@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tests.server import free_port
+from tests.server import serving
 
 CHUNK = 7  # characters per streamed chunk
 
@@ -126,17 +123,6 @@ def scripted_model(
     texts: list[str] | None = None, messages: list[dict[str, Any]] | None = None
 ) -> Iterator[ScriptedModel]:
     model = ScriptedModel(texts=list(texts or []), messages=list(messages or []))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(model), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    model.url = f"http://127.0.0.1:{port}/v1"
-    try:
+    with serving(build_app(model)) as url:
+        model.url = f"{url}/v1"
         yield model
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

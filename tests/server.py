@@ -39,13 +39,10 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServer]:
-    settings.setdefault("port", free_port())
-    config = Settings(**settings)
-    app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning")
-    )
+def serving(app, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a thread on loopback; yields its base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -53,14 +50,22 @@ def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServe
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{config.port}"
-        if wait_ready and config.min_idle:
-            _wait_for_warm(url, config.min_idle)
-        yield RunningServer(url, app, config)
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServer]:
+    settings.setdefault("port", free_port())
+    config = Settings(**settings)
+    app = create_app(config)
+    with serving(app, config.port) as url:
+        if wait_ready and config.min_idle:
+            _wait_for_warm(url, config.min_idle)
+        yield RunningServer(url, app, config)
 
 
 def _wait_for_warm(url: str, n: int, timeout: float = 120) -> None:

@@ -19,11 +19,10 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 
 import kernelbox as kb
 from kernelbox import _core as core
-from tests.server import free_port, running_server
+from tests.server import free_port, running_server, serving
 
 PLOT = "plt.plot([1, 2, 3]); plt.show()"
 # stdout, stderr, a display, more stdout, then an error: each waits so the order is real.
@@ -555,21 +554,6 @@ class FlakyProxy:
         out = [(k, v) for k, v in answer.headers.raw if k.lower() not in hop]
         await send({"type": "http.response.start", "status": answer.status_code, "headers": out})
         await send({"type": "http.response.body", "body": answer.content})
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_sync_retry_after_503_honours_retry_after(server):

@@ -13,8 +13,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 import kernelbox as kb
-from tests.server import running_server
-from tests.test_client import serving
+from tests.server import running_server, serving
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
