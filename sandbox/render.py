@@ -155,9 +155,19 @@ def render_message(
     return {"role": "tool", "tool_call_id": tool_call_id or "", "content": content}
 
 
+def image_base64(execution: Execution, path: str, mime: str) -> str | None:
+    """The saved image at `path`, base64-encoded, from the result that displayed it (its
+    data holds base64 for PNG and JPEG, the text itself for SVG)."""
+    for result in execution.results:
+        value = result.data.get(mime)
+        if path in result.images and isinstance(value, str):
+            return base64.b64encode(value.encode()).decode() if mime == "image/svg+xml" else value
+    return None
+
+
 def _image_bytes_from_results(execution: Execution, path: str) -> bytes:
     mime = next(img.mime for img in execution.images if img.path == path)
-    for result in execution.results:
-        if path in result.images and isinstance(result.data.get(mime), str):
-            return base64.b64decode(result.data[mime])
-    raise FileNotFoundError(path)
+    encoded = image_base64(execution, path, mime)
+    if encoded is None:
+        raise FileNotFoundError(path)
+    return base64.b64decode(encoded)

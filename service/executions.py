@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -14,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 
 from kernelbox.models import ErrorBody, ErrorDetail, Execution, Format, render_options
-from sandbox.render import render_text
+from sandbox.render import image_base64, render_text
 from sandbox.session import OnEvent
 
 from .errors import ENGINE_ERRORS, ApiError
@@ -47,21 +46,12 @@ def finish(
         if session_id is not None:
             image.url = f"{base_url(request)}/v1/sessions/{session_id}/files/{image.path}"
         else:  # one-shot runs keep no files: the URL carries the image itself
-            image.url = _data_url(execution, image.path, image.mime)
+            encoded = image_base64(execution, image.path, image.mime)
+            image.url = image.path if encoded is None else f"data:{image.mime};base64,{encoded}"
     if fmt is not None:
         execution.text = render_text(execution, render_options(fmt))
     request.app.state.metrics.observe(execution.status, time.perf_counter() - started)
     return execution
-
-
-def _data_url(execution: Execution, path: str, mime: str) -> str:
-    for result in execution.results:
-        value = result.data.get(mime)
-        if path in result.images and isinstance(value, str):
-            if mime == "image/svg+xml":
-                value = base64.b64encode(value.encode()).decode()
-            return f"data:{mime};base64,{value}"
-    return path
 
 
 def wants_stream(request: Request, stream_flag: bool) -> bool:
