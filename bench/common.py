@@ -50,6 +50,25 @@ def raw_client(connection_info: dict) -> AsyncKernelClient:
     return client
 
 
+async def throughput(workers: list, seconds: float) -> tuple[int, int]:
+    """Run each worker (an async callable) in a loop for `seconds`; count ok and errors."""
+    ok = errors = 0
+    stop = time.monotonic() + seconds
+
+    async def loop(fn) -> None:
+        nonlocal ok, errors
+        while time.monotonic() < stop:
+            try:
+                await fn()
+                ok += 1
+            except Exception as exc:
+                errors += 1
+                print(f"error: {exc!r}", file=sys.stderr)
+
+    await asyncio.gather(*(loop(fn) for fn in workers))
+    return ok, errors
+
+
 def row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 

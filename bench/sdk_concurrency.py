@@ -15,38 +15,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import socket
-import sys
 import tempfile
 import time
 
-from bench.common import row, start_server, wait_ready
+from bench.common import row, start_server, throughput, wait_ready
 from kernelbox import AsyncClient, AsyncSession
 
 
 async def phase(sessions: list[AsyncSession], seconds: float, op: str) -> tuple[float, float, int]:
     """requests/s, client CPU ms per request, errors."""
-    ok = errors = 0
-    stop = time.monotonic() + seconds
 
-    async def loop(session: AsyncSession) -> None:
-        nonlocal ok, errors
-        while time.monotonic() < stop:
-            try:
-                if op == "refresh":
-                    await session.refresh()
-                else:
-                    execution = await session.execute("x = 1")
-                    assert execution.status == "ok", execution
-                ok += 1
-            except Exception as exc:
-                errors += 1
-                print(f"error: {exc!r}", file=sys.stderr)
+    async def execute(session: AsyncSession) -> None:
+        execution = await session.execute("x = 1")
+        assert execution.status == "ok", execution
 
+    async def refresh(session: AsyncSession) -> None:
+        await session.refresh()
+
+    one = refresh if op == "refresh" else execute
     cpu = time.process_time()
-    await asyncio.gather(*(loop(s) for s in sessions))
+    ok, errors = await throughput([functools.partial(one, s) for s in sessions], seconds)
     cpu = time.process_time() - cpu
     return ok / seconds, cpu * 1000 / max(ok, 1), errors
 

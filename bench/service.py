@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -28,6 +26,7 @@ from bench.common import (
     row,
     start_server,
     stats_ms,
+    throughput,
     timed,
     wait_ready,
 )
@@ -62,25 +61,6 @@ async def http_execute(client: httpx.AsyncClient, sid: str) -> None:
         raise RuntimeError(f"execute failed: {response.status_code} {response.text[:200]}")
 
 
-async def throughput(workers: list, seconds: float) -> tuple[int, int]:
-    """Run each worker (an async callable) in a loop for `seconds`; count ok and errors."""
-    ok = errors = 0
-    stop = time.monotonic() + seconds
-
-    async def loop(fn) -> None:
-        nonlocal ok, errors
-        while time.monotonic() < stop:
-            try:
-                await fn()
-                ok += 1
-            except Exception as exc:
-                errors += 1
-                print(f"error: {exc!r}", file=sys.stderr)
-
-    await asyncio.gather(*(loop(fn) for fn in workers))
-    return ok, errors
-
-
 async def main(args: argparse.Namespace) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="kb-bench-"))
     port = args.port
@@ -95,7 +75,7 @@ async def main(args: argparse.Namespace) -> None:
     limits = httpx.Limits(
         max_connections=args.sessions + 8, max_keepalive_connections=args.sessions + 8
     )
-    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits)
+    client = httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
     backend = make_backend(args.backend)  # for the cold starts, in this process
     try:
         await wait_ready(url, args.warm)
@@ -147,10 +127,7 @@ async def main(args: argparse.Namespace) -> None:
         # One HTTP client per session: httpx's shared connection pool costs O(connections) per
         # request (encode/httpx#3215) and would measure the client instead of the service.
         ssl_ctx = httpx.create_ssl_context()
-        per_session = [
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, verify=ssl_ctx)
-            for _ in ids
-        ]
+        per_session = [httpx.AsyncClient(base_url=url, timeout=120, verify=ssl_ctx) for _ in ids]
         for c in raws:
             await raw_roundtrip(c)
         http_rates, raw_rates, http_errors = [], [], 0

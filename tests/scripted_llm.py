@@ -1,4 +1,4 @@
-"""A scripted OpenAI-compatible model server: the one stand-in in the test suite.
+"""A scripted OpenAI-compatible model server: the stand-in for a language model.
 
 No model weights can be downloaded here, so the agent loop is tested against this server. It
 answers `/v1/completions` and `/v1/chat/completions` with the next text of its script, cut at

@@ -43,9 +43,11 @@ def add_parser(commands: Any) -> None:
     )
     agent.add_argument("--coder-base-url", help="delegate: the coder model's endpoint")
     agent.add_argument("--coder-model", help="delegate: the coder model")
-    agent.add_argument("--max-tool-calls", type=int, default=8)
-    agent.add_argument("--call-timeout", type=float, default=30.0, help="seconds per code run")
-    agent.add_argument("--token-budget", type=int, default=32_768)
+    agent.add_argument("--max-tool-calls", type=int, default=AgentConfig.max_tool_calls)
+    agent.add_argument(
+        "--call-timeout", type=float, default=AgentConfig.call_timeout, help="seconds per code run"
+    )
+    agent.add_argument("--token-budget", type=int, default=AgentConfig.token_budget)
     agent.add_argument("--temperature", type=float)
     agent.add_argument("--url", help="kernelbox service URL (env KERNELBOX_URL)")
     agent.add_argument("--kernelbox-api-key", help="kernelbox API key (env KERNELBOX_API_KEY)")

@@ -3,7 +3,7 @@
 Only what the agent loop needs: text completions (`/v1/completions`) and chat completions
 (`/v1/chat/completions`), streamed or not, with the stop strings the loop sends and the reason
 generation stopped. vLLM and SGLang say *which* stop string matched (`stop_reason` /
-`matched_stop`); servers that do not are handled by the dialects, which look at the text.
+`matched_stop`); for servers that do not, the loop finds the stop string in the text.
 """
 
 from __future__ import annotations
