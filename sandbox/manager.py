@@ -12,13 +12,14 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from kernelbox.models import Execution, Session
 
+from . import files as sandbox_files
 from .errors import PoolExhausted, SessionNotFound
 from .pool import KernelPool
 from .session import KernelSession, OnEvent, SessionOptions
@@ -35,6 +36,17 @@ class ManagerOptions:
     acquire_wait: float = 0.0
     reap_interval: float = 1.0
     session: SessionOptions = field(default_factory=SessionOptions)
+
+
+@dataclass
+class NotebookRun:
+    """What `SessionManager.run_notebook` did: the cells that ran, in order."""
+
+    executions: list[Execution] = field(default_factory=list)
+    timed_out: bool = False  # the total or a cell's deadline passed
+    died: bool = False  # the kernel died in the last cell
+    files: dict[str, bytes] = field(default_factory=dict)  # the fetched ones
+    elapsed: float = 0.0  # seconds, kernel acquisition included
 
 
 @dataclass
@@ -174,6 +186,46 @@ class SessionManager:
         """Stateless: a fresh warm kernel, used once and discarded."""
         async with self.throwaway() as session:
             return await session.execute(code, timeout, on_event)
+
+    async def run_notebook(
+        self,
+        cells: list[str],
+        *,
+        total_timeout: float,
+        cell_timeout: float | None = None,
+        files: dict[str, bytes] | None = None,
+        fetch: Sequence[str] = (),
+    ) -> NotebookRun:
+        """Run `cells` in order in one fresh kernel, used once and discarded: `files` written
+        into its working directory first, `fetch` read back at the end (missing ones left out).
+        The total deadline starts with the kernel, so a cold start is not the cells' time.
+        Raises OSError (or UnsafePath) when the files cannot be written."""
+        run = NotebookRun()
+        started = time.monotonic()
+        async with self.throwaway() as session:
+            deadline = time.monotonic() + total_timeout
+            owner = self.pool.backend.file_owner  # the kernel may replace what it was given
+            for path, data in (files or {}).items():
+                sandbox_files.write_file(session.workdir, path, data, owner=owner)
+            for cell in cells:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    run.timed_out = True
+                    break
+                timeout = min(remaining, cell_timeout) if cell_timeout else remaining
+                execution = await session.execute(cell, timeout)
+                run.executions.append(execution)
+                if execution.status in ("timeout", "died"):
+                    # The kernel was interrupted or lost its state: later cells would run
+                    # against something else than the notebook meant.
+                    run.timed_out = execution.status == "timeout"
+                    run.died = execution.status == "died"
+                    break
+            for path in fetch:
+                with contextlib.suppress(OSError, sandbox_files.UnsafePath):
+                    run.files[path] = sandbox_files.read_file(session.workdir, path)
+        run.elapsed = time.monotonic() - started
+        return run
 
     @contextlib.asynccontextmanager
     async def throwaway(self) -> AsyncIterator[KernelSession]:

@@ -178,65 +178,42 @@ async def run_jupyter(
         fetch = [_checked_path(p, "fetch_files") for p in body.fetch_files]
     except _Refused as exc:
         return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc))
-    started = time.monotonic()
     total = body.total_timeout if body.total_timeout > 0 else request.app.state.settings.max_timeout
-    cell_limit = _timeout(request, body.cell_timeout) if body.cell_timeout > 0 else None
-    cells: list[CellRunResult] = []
-    fetched: dict[str, str] = {}
-    timed_out = died = False
-    manager = request.app.state.manager
-    owner = manager.pool.backend.file_owner  # the kernel may replace the files it was given
     try:
-        async with manager.throwaway() as session:
-            # The cells' time starts with the kernel: a cold start when none was warm is ours.
-            deadline = time.monotonic() + _timeout(request, total)
-            try:
-                for path, content in files.items():
-                    data = base64.b64decode(content)
-                    sandbox_files.write_file(session.workdir, path, data, owner=owner)
-            except (OSError, ValueError) as exc:
-                return RunJupyterResponse(
-                    status=RunStatus.SandboxError, message=f"files: could not write: {exc}"
-                )
-            for cell in body.cells:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    timed_out = True
-                    break
-                execution = await session.execute(
-                    cell, min(remaining, cell_limit) if cell_limit else remaining
-                )
-                cells.append(_cell(execution))
-                if execution.status in ("timeout", "died"):
-                    # The kernel was interrupted or lost its state: later cells would run
-                    # against something else than the notebook meant.
-                    timed_out, died = execution.status == "timeout", execution.status == "died"
-                    break
-            for path in fetch:
-                with contextlib.suppress(OSError, sandbox_files.UnsafePath):
-                    data = sandbox_files.read_file(session.workdir, path)
-                    fetched[path] = base64.b64encode(data).decode()
+        run = await request.app.state.manager.run_notebook(
+            body.cells,
+            total_timeout=_timeout(request, total),
+            cell_timeout=_timeout(request, body.cell_timeout) if body.cell_timeout > 0 else None,
+            files={path: base64.b64decode(content) for path, content in files.items()},
+            fetch=fetch,
+        )
     except KernelStartError as exc:
         return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc))
-    elapsed = time.monotonic() - started
-    if timed_out:
+    except (OSError, sandbox_files.UnsafePath) as exc:
+        return RunJupyterResponse(
+            status=RunStatus.SandboxError, message=f"files: could not write: {exc}"
+        )
+    if run.timed_out:
         driver = CommandRunResult(
-            status=CommandRunStatus.TimeLimitExceeded, execution_time=elapsed, stdout="", stderr=""
+            status=CommandRunStatus.TimeLimitExceeded,
+            execution_time=run.elapsed,
+            stdout="",
+            stderr="",
         )
     else:
         driver = CommandRunResult(
             status=CommandRunStatus.Finished,
-            execution_time=elapsed,
-            return_code=1 if died else 0,
+            execution_time=run.elapsed,
+            return_code=1 if run.died else 0,
             stdout="",
             stderr="",
         )
     return RunJupyterResponse(
-        status=RunStatus.Failed if timed_out or died else RunStatus.Success,
+        status=RunStatus.Failed if run.timed_out or run.died else RunStatus.Success,
         message="",
         driver=driver,
-        cells=cells,
-        files=fetched,
+        cells=[_cell(execution) for execution in run.executions],
+        files={path: base64.b64encode(data).decode() for path, data in run.files.items()},
     )
 
 
