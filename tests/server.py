@@ -38,12 +38,23 @@ class RunningServer:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
 
 
+def listening_socket(port: int = 0) -> socket.socket:
+    """A socket bound on loopback, for uvicorn to serve on: binding here, not in uvicorn,
+    leaves no gap in which another process can take the port (as an outgoing connection's
+    ephemeral port did in CI)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
 @contextlib.contextmanager
-def serving(app, port: int | None = None) -> Iterator[str]:
+def serving(app, sock: socket.socket | None = None) -> Iterator[str]:
     """Serve an ASGI app with uvicorn in a thread on loopback; yields its base URL."""
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = sock or listening_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 30
@@ -55,14 +66,15 @@ def serving(app, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+        sock.close()
 
 
 @contextlib.contextmanager
 def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServer]:
-    settings.setdefault("port", free_port())
-    config = Settings(**settings)
+    sock = listening_socket(settings.get("port", 0))
+    config = Settings(**{**settings, "port": sock.getsockname()[1]})
     app = create_app(config)
-    with serving(app, config.port) as url:
+    with serving(app, sock) as url:
         if wait_ready and config.min_idle:
             _wait_for_warm(url, config.min_idle)
         yield RunningServer(url, app, config)
