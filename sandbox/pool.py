@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from .backends.base import KernelBackend
 from .errors import KernelStartError
 from .kernel import Kernel
+from .workdirs import Workdirs
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +34,14 @@ class KernelPool:
     def __init__(
         self,
         backend: KernelBackend,
-        root: Path,
+        workdirs: Workdirs,
         *,
         min_idle: int = 2,
         max_concurrent_starts: int = 2,
         refill_delay: float = 1.0,
     ) -> None:
         self.backend = backend
-        self.root = root
+        self.workdirs = workdirs
         self.min_idle = min_idle
         self._idle: list[WarmKernel] = []
         self._starting = 0
@@ -59,7 +58,6 @@ class KernelPool:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         self._refiller = asyncio.get_running_loop().create_task(self._refill_forever())
 
     async def close(self) -> None:
@@ -81,8 +79,13 @@ class KernelPool:
 
     @property
     def ready(self) -> bool:
-        """Can a caller get a kernel now or soon? (`/readyz`)"""
-        return self.idle > 0 or (self.last_error is None and not self._closed)
+        """Can a caller get a kernel now? (`/readyz`) A warm one is waiting; or, for a pool
+        that keeps none warm, the last start worked."""
+        if self._closed:
+            return False
+        if self.min_idle > 0:
+            return any(w.kernel.alive for w in self._idle)
+        return self.last_error is None
 
     # -- taking kernels -------------------------------------------------------------------
 
@@ -110,22 +113,21 @@ class KernelPool:
 
     # -- internals ------------------------------------------------------------------------
 
-    def new_workdir(self) -> tuple[str, Path]:
-        kid = uuid.uuid4().hex
-        workdir = self.root / kid / "work"
-        workdir.mkdir(parents=True)
-        return kid, workdir
-
     async def _start_one(self) -> WarmKernel:
-        kid, workdir = self.new_workdir()
         self._starting += 1
         try:
             async with self._start_slots:
-                kernel = await Kernel.start(self.backend, workdir)
-        except BaseException as exc:
-            shutil.rmtree(workdir.parent, ignore_errors=True)
-            if isinstance(exc, KernelStartError):
-                self.last_error = str(exc)
+                try:
+                    kid, workdir = await self.workdirs.create()
+                except OSError as exc:
+                    raise KernelStartError(f"no working directory could be made: {exc}") from exc
+                try:
+                    kernel = await Kernel.start(self.backend, workdir)
+                except BaseException:
+                    await self.workdirs.remove(workdir)
+                    raise
+        except KernelStartError as exc:
+            self.last_error = str(exc)
             raise
         finally:
             self._starting -= 1
@@ -136,7 +138,7 @@ class KernelPool:
         try:
             await warm.kernel.shutdown()
         finally:
-            shutil.rmtree(warm.workdir.parent, ignore_errors=True)
+            await self.workdirs.remove(warm.workdir)
 
     async def _refill_forever(self) -> None:
         backoff = 0.5

@@ -1,43 +1,24 @@
-"""The working directory's disk quota, watched while code runs.
+"""The working directory's disk limit where no filesystem enforces it, by measuring.
 
-A container's writable bind mount has no size limit of its own on most engines (and the local
-backend has none), so the engine measures the directory while code runs and interrupts the
-code that pushes it past the limit. Per-file size is bounded separately (RLIMIT_FSIZE /
-the fsize ulimit), so one check interval can overshoot by at most what the code writes in it.
+Where each working directory is a size-limited filesystem of its own (workdirs.py, a root
+service), the filesystem enforces the limit and nothing here runs. Elsewhere (a non-root
+service; a service in a container without the right to mount) the size is measured, through
+the bounded file layer: every half second while code runs, interrupting the code that pushes
+it past the limit, and between executions by the manager (`KernelSession.check_disk`), which
+replaces a kernel whose background writers keep going. Per-file size is bounded separately
+(RLIMIT_FSIZE / the fsize ulimit), so one interval can overshoot by at most what the code
+writes in it. A tree too large or too deep to measure counts as over the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
+
+from .files import FileOpTimeout, SessionFiles
 
 CHECK_INTERVAL = 0.5
-
-
-def directory_size(root: Path) -> int:
-    """Bytes allocated under `root`; symlinks are not followed, hard links counted once."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    stack = [str(root)]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
-            elif (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-    return total
 
 
 @dataclass
@@ -46,18 +27,28 @@ class DiskUsage:
 
     bytes: int = 0
 
+    async def over(self, files: SessionFiles, limit: int) -> int | None:
+        """Measure; the size when it is past `limit` and has grown since last measured (so
+        that code cleaning up an over-full directory is not stopped for it), else None."""
+        try:
+            size, complete = await files.usage()
+        except FileOpTimeout:
+            return None  # measured next time; the file layer's own share is what is stuck
+        if not complete:
+            size = max(size, limit + 1)
+        grew = size > self.bytes
+        self.bytes = size
+        return size if size > limit and grew else None
+
 
 async def watch(
-    root: Path, limit: int, usage: DiskUsage, on_exceeded: Callable[[int], Awaitable[None]]
+    files: SessionFiles, limit: int, usage: DiskUsage, on_exceeded: Callable[[int], Awaitable[None]]
 ) -> None:
-    """While code runs (cancel to stop): call `on_exceeded(size)` once if `root` is past
-    `limit` and has grown since it was last measured, so that code cleaning up an over-full
-    directory is not stopped for it. Nothing is measured for runs shorter than one interval."""
+    """While code runs (cancel to stop): call `on_exceeded(size)` once when the directory
+    passes `limit`. Nothing is measured for runs shorter than one interval."""
     while True:
         await asyncio.sleep(CHECK_INTERVAL)
-        size = await asyncio.to_thread(directory_size, root)
-        grew = size > usage.bytes
-        usage.bytes = size
-        if size > limit and grew:
+        size = await usage.over(files, limit)
+        if size is not None:
             await on_exceeded(size)
             return

@@ -741,4 +741,6 @@ class DockerBackend(KernelBackend):
         else:
             with contextlib.suppress(OSError):
                 self._lock_path.unlink()
+            with contextlib.suppress(OSError):  # shared with other backends: only if empty
+                self.runtime_root.rmdir()
         os.close(self._lock_fd)

@@ -1,19 +1,23 @@
 """Files in a session's working directory (images the code displayed are in `outputs/`).
 
 Paths are relative to the working directory; absolute paths, `..` and symlinks that lead
-out of it are refused (sandbox.files walks every component without following links).
+out of it are refused, and so is anything but a regular file (see sandbox/files.py, through
+which every access goes: bounded, off the event loop, never following a link).
 """
 
 from __future__ import annotations
 
-import asyncio
 import mimetypes
+import os
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 
 from kernelbox.models import FileEntry
 from sandbox import files
+from sandbox.files import SessionFiles
 
 from ..auth import require_owner
 from ..errors import ApiError
@@ -22,25 +26,29 @@ from .sessions import ERRORS, manager
 router = APIRouter(prefix="/v1/sessions/{session_id}/files", tags=["files"])
 
 BAD_PATH = {400: {"description": "Absolute path, '..', or a path through a symlink"}}
+CHUNK = 1024**2
 
 
-def _workdir(request: Request, session_id: str, owner: str):
-    return manager(request).get(session_id, owner).session.workdir
+def _files(request: Request, session_id: str, owner: str) -> SessionFiles:
+    return manager(request).get(session_id, owner).session.files
 
 
-def _file_owner(request: Request):
-    return manager(request).pool.backend.file_owner
+def _no_file(path: str, session_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no file {path!r} in session {session_id}")
 
 
 @router.get("", response_model=list[FileEntry], responses=ERRORS)
 async def list_files(
-    session_id: str, request: Request, owner: str = Depends(require_owner)
+    session_id: str, request: Request, response: Response, owner: str = Depends(require_owner)
 ) -> list[FileEntry]:
-    root = _workdir(request, session_id, owner)
-    found = await asyncio.to_thread(files.list_files, root)
+    """Regular files, by path; at most 10,000 entries and 64 levels are looked at (the
+    `X-Kernelbox-Truncated: true` header says some were left out)."""
+    listing = await _files(request, session_id, owner).list()
+    if listing.truncated:
+        response.headers["X-Kernelbox-Truncated"] = "true"
     return [
         FileEntry(path=f.path, size=f.size, modified=datetime.fromtimestamp(f.modified, UTC))
-        for f in found
+        for f in listing.files
     ]
 
 
@@ -48,7 +56,12 @@ async def list_files(
     "/{path:path}",
     status_code=201,
     response_model=FileEntry,
-    responses={**ERRORS, **BAD_PATH, 413: {"description": "Larger than the file size limit"}},
+    responses={
+        **ERRORS,
+        **BAD_PATH,
+        413: {"description": "Larger than the file size limit"},
+        507: {"description": "The session's disk is full"},
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -62,10 +75,15 @@ async def put_file(
     session_id: str, path: str, request: Request, owner: str = Depends(require_owner)
 ) -> FileEntry:
     """Upload raw bytes; parent directories are created."""
-    root = _workdir(request, session_id, owner)
+    target = _files(request, session_id, owner)
     files.split_relative(path)  # refuse bad paths before reading the body
     data = await request.body()  # at most max_file_bytes: see body_limit.py
-    await asyncio.to_thread(files.write_file, root, path, data, owner=_file_owner(request))
+    try:
+        await target.write(path, data)
+    except files.NotARegularFile:
+        raise ApiError(400, "bad_path", f"{path!r} exists and is not a regular file") from None
+    except IsADirectoryError:
+        raise ApiError(400, "bad_path", f"{path!r} is a directory") from None
     return FileEntry(path=path, size=len(data), modified=datetime.now(UTC))
 
 
@@ -77,25 +95,51 @@ async def put_file(
 async def get_file(
     session_id: str, path: str, request: Request, owner: str = Depends(require_owner)
 ) -> Response:
-    root = _workdir(request, session_id, owner)
-    limit = request.app.state.settings.max_file_bytes
+    """The file's bytes, streamed as they are read (at most its size when it was opened)."""
+    source = _files(request, session_id, owner)
     try:
-        data = await asyncio.to_thread(files.read_file, root, path, limit)
+        fd, size = await source.open(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise ApiError(404, "not_found", f"no file {path!r} in session {session_id}") from None
+        raise _no_file(path, session_id) from None
+
+    stream = _chunks(source, fd, size)
+    try:
+        # Started here, so that its `finally` closes the file even if the body is never sent.
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = b""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in stream:
+            yield chunk
+
     media = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    return Response(data, media_type=media)
+    return StreamingResponse(body(), media_type=media, headers={"Content-Length": str(size)})
+
+
+async def _chunks(source: SessionFiles, fd: int, size: int) -> AsyncIterator[bytes]:
+    """The file's bytes in chunks, each read off the event loop; closes `fd` at the end."""
+    try:
+        left = size
+        while left > 0:
+            chunk = await source.read_chunk(fd, min(left, CHUNK))
+            if not chunk:
+                break  # it shrank meanwhile: the client sees a short body
+            left -= len(chunk)
+            yield chunk
+    finally:
+        os.close(fd)
 
 
 @router.delete("/{path:path}", status_code=204, responses={**ERRORS, **BAD_PATH})
 async def delete_file(
     session_id: str, path: str, request: Request, owner: str = Depends(require_owner)
 ) -> Response:
-    root = _workdir(request, session_id, owner)
     try:
-        await asyncio.to_thread(files.delete_file, root, path)
+        await _files(request, session_id, owner).delete(path)
     except (FileNotFoundError, NotADirectoryError):
-        raise ApiError(404, "not_found", f"no file {path!r} in session {session_id}") from None
+        raise _no_file(path, session_id) from None
     except IsADirectoryError:
         raise ApiError(400, "bad_path", f"{path!r} is a directory") from None
     return Response(status_code=204)

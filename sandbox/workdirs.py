@@ -1,0 +1,202 @@
+"""Where sessions' working directories come from, and where they go.
+
+Each service instance keeps its sessions under a directory of its own, `DATA_DIR/instance-*`,
+locked (flock) for as long as it lives: a later instance removes the directories (and unmounts
+the filesystems) of instances whose lock it can take, so a service killed with SIGKILL leaves
+nothing behind for long.
+
+With a disk limit and the means (root, loop devices, mkfs.ext4), each working directory is a
+filesystem of its own: a sparse ext4 image of the limit's size, loop-mounted `nosuid,nodev` at
+`<id>/work`. The filesystem enforces the limit as code writes (ENOSPC at the byte, inodes
+bounded too), also for background threads and between executions, and its size is one
+`statvfs` away; removing it is an unmount. Elsewhere it is a plain directory, whose size the
+session measures while code runs and the manager between executions (quota.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from . import files
+
+log = logging.getLogger(__name__)
+
+_LOCK = ".lock"
+IMAGE = "disk.img"
+# One inode per 16 KiB of the limit (ext4's default ratio), at least 1024: a million empty
+# files cannot fit in a small quota.
+_BYTES_PER_INODE = 16 * 1024
+
+
+class Workdirs:
+    """Working directories of one service instance (see the module docstring)."""
+
+    def __init__(self, data_dir: Path, io: files.FileIO, disk_bytes: int | None, mount: str):
+        """`mount`: "auto" (a filesystem per directory where possible), "always" (refuse to
+        start without), "never"."""
+        self.data_dir = data_dir
+        self.io = io
+        self.disk_bytes = disk_bytes
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.root = data_dir / f"instance-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.root.mkdir(mode=0o755)
+        self._lock_fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        why_not = None if disk_bytes else "no disk limit is set"
+        if why_not is None and mount != "never":
+            why_not = _cannot_mount()
+        if mount == "never":
+            why_not = "KERNELBOX_WORKDIR_MOUNT=never"
+        if mount == "always" and why_not:
+            raise RuntimeError(f"working directories cannot be filesystems of their own: {why_not}")
+        #: None when each working directory is a size-limited filesystem; else why not
+        self.unenforced_reason = why_not
+        if why_not and disk_bytes:
+            log.warning(
+                "disk limit of %d bytes per session is watched, not enforced by a filesystem "
+                "(%s): code can overshoot it by what it writes between two measurements",
+                disk_bytes,
+                why_not,
+            )
+
+    @property
+    def enforced(self) -> bool:
+        return self.unenforced_reason is None
+
+    async def remove_stale(self) -> list[Path]:
+        """Remove the directories of instances that are gone (their lock is free)."""
+        removed = []
+        for other in sorted(self.data_dir.glob("instance-*")):
+            if other == self.root or not other.is_dir():
+                continue
+            try:
+                fd = os.open(other / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                fd = -1  # made by an older version, or its lock is gone: not held either
+            except OSError as exc:
+                log.warning("cannot tell whether %s is in use: %s", other, exc)
+                continue
+            try:
+                if fd >= 0:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live instance
+                log.info("removing %s, left by a service that is gone", other)
+                await self._unmount_below(other)
+                await self.io.run(str(other), files.remove_tree, other, timeout=600)
+                removed.append(other)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        return removed
+
+    async def create(self) -> tuple[str, Path]:
+        """A new, empty working directory: (its id, its path)."""
+        wid = uuid.uuid4().hex
+        home = self.root / wid
+        workdir = home / "work"
+        workdir.mkdir(parents=True)
+        if self.enforced:
+            try:
+                await self._make_filesystem(home / IMAGE, workdir)
+            except BaseException:
+                await self.remove(workdir)
+                raise
+        return wid, workdir
+
+    async def remove(self, workdir: Path) -> None:
+        """Remove a working directory and everything in it, however deep or large."""
+        home = workdir.parent
+        if os.path.ismount(workdir):
+            await _unmount(workdir)
+        await self.io.run(home.name, files.remove_tree, home, timeout=600)
+
+    def files(self, workdir: Path, key: str, limits: files.FileLimits) -> files.SessionFiles:
+        """How the host reaches the files of a working directory made here."""
+        return files.SessionFiles(workdir, self.io, key, limits, own_filesystem=self.enforced)
+
+    async def close(self) -> None:
+        """Remove this instance's directory (every session's working directory with it)."""
+        try:
+            await self._unmount_below(self.root)
+            await self.io.run(self.root.name, files.remove_tree, self.root, timeout=600)
+        finally:
+            os.close(self._lock_fd)
+
+    async def _make_filesystem(self, image: Path, workdir: Path) -> None:
+        assert self.disk_bytes
+        with open(image, "wb") as f:
+            f.truncate(self.disk_bytes)  # sparse: the host's disk is used as the code writes
+        inodes = max(1024, self.disk_bytes // _BYTES_PER_INODE)
+        await _run(
+            "mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes),
+            "-O", "^has_journal,^resize_inode",
+            "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            str(image),
+        )  # fmt: skip
+        await _run(
+            "mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", str(image), str(workdir)
+        )
+        os.rmdir(workdir / "lost+found")  # root's, so the kernel could not remove it
+
+    async def _unmount_below(self, top: Path) -> None:
+        prefix = str(top) + "/"
+        for point in sorted(_mount_points(), reverse=True):
+            if point.startswith(prefix):
+                await _unmount(Path(point))
+
+
+def _cannot_mount() -> str | None:
+    """Why a loop-mounted filesystem per working directory is not possible here, or None."""
+    if os.geteuid() != 0:
+        return "the service is not root"
+    for tool in ("mkfs.ext4", "mount", "umount"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not os.path.exists("/dev/loop-control"):
+        return "no loop devices (/dev/loop-control)"
+    return None
+
+
+def _mount_points() -> list[str]:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            # 5th field: the mount point, with spaces and such octal-escaped
+            return [
+                line.split()[4].encode().decode("unicode_escape")
+                for line in f
+                if len(line.split()) > 4
+            ]
+    except OSError:
+        return []
+
+
+async def _unmount(point: Path) -> None:
+    """Unmount; lazily if something still holds it (the loop device is freed when it lets go)."""
+    try:
+        await _run("umount", str(point))
+    except OSError:
+        await _run("umount", "-l", str(point))
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode:
+        raise OSError(
+            errno.EIO,
+            f"{argv[0]} failed ({proc.returncode}): {err.decode(errors='replace').strip()}",
+        )
