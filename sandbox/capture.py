@@ -1,9 +1,14 @@
 """Turning the kernel's IOPub messages for one execution into an `Execution`.
 
-Memory is bounded whatever the code prints: per stream, the first half of the cap is kept as
+Memory is bounded whatever the code prints: the connection decodes output only while it fits
+the execution's byte budget (kernel.Budget); per stream, the first half of the cap is kept as
 the head and the rest as a sliding tail; what falls out of the middle is counted, never held.
 The order in which outputs arrived is kept (`Execution.outputs`) so renderings can interleave
 streams, results and the error as the kernel produced them.
+
+The kernel is untrusted: a message whose fields are not what the protocol says raises
+`ProtocolError` (the session then replaces the kernel), and images are written through
+`SessionFiles` (off the event loop, never through a link).
 """
 
 from __future__ import annotations
@@ -11,13 +16,13 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from kernelbox.models import ErrorInfo, Execution, ExecutionStatus, Image, OutputRef, Result
 
 from . import files
+from .kernel import Budget, ProtocolError
 from .text import clean_text, collapse_cr, strip_ansi, truncation_marker
 
 log = logging.getLogger(__name__)
@@ -27,18 +32,10 @@ IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/svg+xml": "svg"}
 
 @dataclass
 class ImageNamer:
-    """Numbers images across a whole session: fig-001, fig-002, ..."""
+    """Numbers images across a whole session: fig-001, fig-002, ... (names the code took
+    already are skipped when the image is written)."""
 
     next_number: int = 1
-
-    @classmethod
-    def for_workdir(cls, workdir: Path) -> ImageNamer:
-        numbers = [
-            int(m.group(1))
-            for p in (workdir / "outputs").glob("fig-*.*")
-            if (m := re.fullmatch(r"fig-(\d+)\.\w+", p.name))
-        ]
-        return cls(max(numbers, default=0) + 1)
 
     def take(self) -> int:
         n = self.next_number
@@ -67,14 +64,17 @@ class CaptureLimits:
     max_results: int = 100
     max_images: int = 50
     max_image_bytes: int = 8 * 1024**2
+    # Bytes of output (streams, results, images, the error, as sent) one execution may bring
+    # into the host; the rest is dropped before it is decoded.
+    max_execution_bytes: int = 16 * 1024**2
+    max_traceback_chars: int = 50_000
 
 
 @dataclass
 class OutputCapture:
-    workdir: Path
+    files: files.SessionFiles
     namer: ImageNamer
     limits: CaptureLimits = field(default_factory=CaptureLimits)
-    owner: files.Owner = None  # who the saved images must belong to (see KernelBackend)
 
     def __post_init__(self) -> None:
         self._items: list[_Item] = []
@@ -88,35 +88,70 @@ class OutputCapture:
 
     # -- feeding ---------------------------------------------------------------------------
 
-    def feed(self, msg: dict) -> tuple[str, dict] | None:
-        """Take one IOPub message of this execution; return the event to stream, if any."""
+    async def feed(self, msg: dict) -> tuple[str, dict] | None:
+        """Take one IOPub message of this execution; return the event to stream, if any.
+        Raises ProtocolError for a message no kernel speaking the protocol sends."""
         kind, content = msg["msg_type"], msg["content"]
         if kind == "stream":
-            dropped = int(msg.get("metadata", {}).get("kernelbox_dropped", 0) or 0)
+            dropped = msg["metadata"].get("kernelbox_dropped", 0)
             name = "stdout" if content.get("name") == "stdout" else "stderr"
-            text = clean_text(content.get("text", ""))
+            text = _text(content.get("text", ""), "stream text")
+            if not isinstance(dropped, int) or dropped < 0:
+                raise ProtocolError("a stream with a bad kernelbox_dropped count")
             self.stream(name, text, dropped)
             return (name, {"text": text}) if text else None
         if kind in ("execute_result", "display_data"):
-            if self.result(kind, content.get("data", {})):
+            data = content.get("data", {})
+            if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+                raise ProtocolError(f"a {kind} whose data is not a MIME bundle")
+            if await self.result(kind, data):
                 return "result", self._results[-1].model_dump()
             return None
         if kind == "error":
-            self.error(
-                content.get("ename", ""), content.get("evalue", ""), content.get("traceback", [])
-            )
+            self.take_error(content)
             assert self._error is not None
             return "error", self._error.model_dump()
         if kind == "clear_output":
             self.clear(wait=bool(content.get("wait")))
         return None
 
+    def take_error(self, content: dict[str, Any]) -> None:
+        """An `error` message's (or an error reply's) ename, evalue and traceback."""
+        traceback = content.get("traceback", [])
+        if not isinstance(traceback, list) or not all(isinstance(t, str) for t in traceback):
+            raise ProtocolError("an error whose traceback is not a list of strings")
+        lines, left = [], self.limits.max_traceback_chars
+        for line in traceback:
+            if left <= 0:
+                lines.append(truncation_marker(sum(map(len, traceback)) - sum(map(len, lines))))
+                self._note("a traceback over the limit was cut")
+                break
+            lines.append(line[:left])
+            left -= len(line)
+        self.error(
+            _text(content.get("ename", ""), "error name")[:1000],
+            _text(content.get("evalue", ""), "error value")[: self.limits.max_traceback_chars],
+            lines,
+        )
+
     @property
     def has_error(self) -> bool:
         return self._error is not None
 
     def note_lost_output(self) -> None:
-        self._note("some output was lost on the way from the kernel (a message was too large)")
+        self._note("some output was lost on the way from the kernel (a message was dropped)")
+
+    def note_budget(self, budget: Budget) -> None:
+        if budget.dropped:
+            self._note(
+                f"output over {self.limits.max_execution_bytes} bytes for one execution was "
+                f"dropped ({budget.dropped} bytes)"
+            )
+
+    def note(self, text: str) -> None:
+        """Tell the caller something about this execution without marking it truncated."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def stream(self, name: str, text: str, dropped: int = 0) -> None:
         """`name` is "stdout" or "stderr" and `text` already cleaned (see feed)."""
@@ -136,13 +171,13 @@ class OutputCapture:
         if state.kept > self.limits.max_chars:
             self._evict(name, state)
 
-    def result(self, kind: str, data: dict) -> bool:
+    async def result(self, kind: str, data: dict) -> bool:
         self._apply_pending_clear()
         if len(self._results) >= self.limits.max_results:
             self._note(f"more than {self.limits.max_results} results; the rest were dropped")
             return False
         data = {k: (clean_text(v) if isinstance(v, str) else v) for k, v in data.items()}
-        saved = self._save_images(data)
+        saved = await self._save_images(data)
         self._results.append(Result(type=kind, data=data, images=saved))
         self._items.append(_Item("result", index=len(self._results) - 1))
         return True
@@ -208,6 +243,7 @@ class OutputCapture:
             truncated=self.truncated,
             kernel_restarted=kernel_restarted,
             outputs=outputs,
+            notes=self.notes,
         )
 
     # -- internals -------------------------------------------------------------------------
@@ -268,7 +304,7 @@ class OutputCapture:
             else:
                 pos += 1
 
-    def _save_images(self, data: dict) -> list[str]:
+    async def _save_images(self, data: dict) -> list[str]:
         wanted = [m for m in IMAGE_TYPES if isinstance(data.get(m), str)]
         if not wanted:
             return []
@@ -279,30 +315,38 @@ class OutputCapture:
         saved = []
         for mime in wanted:
             raw = data[mime]
+            # Sized before decoding: base64 is four characters for three bytes.
+            if len(raw) // 4 * 3 > self.limits.max_image_bytes:
+                self._note(f"an image over {self.limits.max_image_bytes} bytes was not saved")
+                continue
             try:
                 blob = raw.encode() if mime == "image/svg+xml" else base64.b64decode(raw)
             except (binascii.Error, ValueError):
                 self._note(f"an {mime} image was not valid base64 and was not saved")
                 continue
-            if len(blob) > self.limits.max_image_bytes:
-                self._note(f"an image over {self.limits.max_image_bytes} bytes was not saved")
-                continue
-            path = self._write_image(number, IMAGE_TYPES[mime], blob)
+            path = await self._write_image(number, IMAGE_TYPES[mime], blob)
             if path:
                 saved.append(path)
                 self._images.append(Image(path=path, url=path, mime=mime))
         return saved
 
-    def _write_image(self, number: int, ext: str, blob: bytes) -> str | None:
-        for _ in range(1000):  # skip numbers the code already used for its own files
+    async def _write_image(self, number: int, ext: str, blob: bytes) -> str | None:
+        for _ in range(100):  # skip numbers the code already used for its own files
             path = f"outputs/fig-{number:03d}.{ext}"
             try:
-                files.write_file(self.workdir, path, blob, exclusive=True, owner=self.owner)
+                await self.files.write(path, blob, exclusive=True)
                 return path
             except FileExistsError:
                 number = self.namer.take()
-            except (OSError, files.UnsafePath) as exc:
+            except (OSError, ValueError) as exc:  # UnsafePath, FileTooLarge, a full disk
                 log.warning("could not save image %s: %s", path, exc)
                 self._note(f"an image could not be saved: {exc}")
                 return None
+        self._note("an image could not be saved: its names were all taken")
         return None
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"a {what} that is not a string")
+    return clean_text(value)

@@ -3,8 +3,10 @@
 The deadline is the host's, never the code's: at the deadline the kernel is interrupted
 (SIGINT to its process group); if it is still busy after a grace period it is killed and a
 fresh kernel is started in the same working directory (`kernel_restarted`). A kernel that
-dies mid-run yields `status: "died"` and is replaced the same way. State loss is always
-reported, never silent.
+dies mid-run yields `status: "died"` and is replaced the same way; so does one that stops
+answering properly (a request without a reply, an output channel that went silent, a message
+that breaks the protocol), since nothing it says can be relied on any more. State loss is
+always reported, never silent.
 
 Concurrency: one execution at a time. A second caller does not queue behind the first; it
 gets `SessionBusy` at once (HTTP 409). Agents that send overlapping code to one stateful
@@ -19,17 +21,18 @@ import logging
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kernelbox.models import ErrorInfo, Execution
 
+from . import files as session_files
 from . import quota
 from .backends.base import ExitInfo, KernelBackend
 from .capture import CaptureLimits, ImageNamer, OutputCapture
 from .errors import KernelStartError, SessionBusy, SessionClosed
-from .kernel import DIED, Kernel
+from .kernel import DIED, Budget, Kernel, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,25 @@ class SessionOptions:
     # After the execute reply, how long to wait for IOPub to report idle (lost only if
     # a message was dropped, e.g. an oversized one).
     idle_after_reply: float = 1.0
-    capture: CaptureLimits = None  # type: ignore[assignment]
+    # After IOPub reported idle, how long to wait for the execute reply before the kernel
+    # counts as broken (an honest kernel sends both at once).
+    reply_after_idle: float = 5.0
+    capture: CaptureLimits = field(default_factory=CaptureLimits)
 
-    def __post_init__(self) -> None:
-        if self.capture is None:
-            self.capture = CaptureLimits()
+
+@dataclass
+class _Run:
+    """What one execution has seen of the kernel so far."""
+
+    reply: dict | None = None
+    idle: bool = False
+    idle_at: float = 0.0
+    saw_iopub: bool = False
+    interrupted_at: float | None = None
+    died: ExitInfo | None = None
+    #: why the kernel cannot be trusted any more (it is replaced)
+    broken: str | None = None
+    over_quota: int | None = None
 
 
 class KernelSession:
@@ -65,7 +82,7 @@ class KernelSession:
         self,
         backend: KernelBackend,
         kernel: Kernel,
-        workdir: Path,
+        files: session_files.SessionFiles,
         *,
         options: SessionOptions | None = None,
         env: dict[str, str] | None = None,
@@ -73,15 +90,17 @@ class KernelSession:
     ) -> None:
         self.id = session_id or uuid.uuid4().hex
         self.backend = backend
-        self.workdir = workdir
+        self.files = files
         self.options = options or SessionOptions()
         self.env = env or {}
         self.kernel = kernel
-        self.namer = ImageNamer.for_workdir(workdir)
+        self.namer = ImageNamer()
         self.disk = quota.DiskUsage()
         self.execution_count = 0
         self._lock = asyncio.Lock()
         self._restarting: asyncio.Task[None] | None = None
+        # Why state was lost between executions, for the next execution to say.
+        self._notice: str | None = None
         self._closed = False
 
     @classmethod
@@ -93,9 +112,17 @@ class KernelSession:
         options: SessionOptions | None = None,
         env: dict[str, str] | None = None,
     ) -> KernelSession:
+        """A session of its own in `workdir` (made if missing): for tests and benchmarks; the
+        service's sessions come from the pool (see SessionManager)."""
         workdir.mkdir(parents=True, exist_ok=True)
         kernel = await Kernel.start(backend, workdir, env)
-        return cls(backend, kernel, workdir, options=options, env=env)
+        files = session_files.SessionFiles(workdir, session_files.default_io(), uuid.uuid4().hex)
+        files.owner = backend.file_owner
+        return cls(backend, kernel, files, options=options, env=env)
+
+    @property
+    def workdir(self) -> Path:
+        return self.files.root
 
     # -- state -----------------------------------------------------------------------------
 
@@ -127,20 +154,23 @@ class KernelSession:
         if self._lock.locked():
             raise SessionBusy(f"session {self.id} is already running code")
         async with self._lock:
-            restarted = await self._ensure_kernel()
+            lost = await self._ensure_kernel()
             if not code.strip():
-                return Execution(status="ok", kernel_restarted=restarted)
-            result = await self._run(code, timeout, on_event)
-            if restarted:
+                result = Execution(status="ok")
+            else:
+                result = await self._run(code, timeout, on_event)
+            if lost:
                 result.kernel_restarted = True
+                result.notes.insert(0, lost)
             return result
 
-    async def _ensure_kernel(self) -> bool:
-        """Wait out a restart in progress; replace a kernel that died while idle.
+    async def _ensure_kernel(self) -> str | None:
+        """Wait out a restart in progress; replace a kernel that died or broke while idle.
 
-        Returns True when state was lost that no earlier result reported (a death between
-        executions). A failed restart is tried once more here, and raises if it fails again.
+        Returns why state was lost when no earlier result reported it. A failed restart is
+        tried once more here, and raises KernelStartError if it fails again.
         """
+        notice, self._notice = self._notice, None
         if self._restarting is not None:
             task, self._restarting = self._restarting, None
             try:
@@ -148,113 +178,146 @@ class KernelSession:
             except KernelStartError as exc:
                 log.warning("session %s: restart failed (%s); trying again", self.id, exc)
                 await self._restart_now()
-                return False  # the execution that caused the restart reported it
+                return notice  # the execution that caused the restart reported it
         if self.kernel.alive:
-            return False
-        info = self.kernel.death.result()
+            return notice
+        info = await self.kernel.end()
         log.info("session %s: kernel %s while idle; restarting", self.id, info.reason)
         await self._restart_now()
-        return True
+        return notice or f"The kernel stopped between executions ({info.reason}). {STATE_LOST}"
 
     async def _run(self, code: str, timeout: float, on_event: OnEvent | None) -> Execution:
         kernel = self.kernel
-        capture = OutputCapture(
-            self.workdir, self.namer, self.options.capture, owner=self.backend.file_owner
-        )
+        assert kernel.conn is not None
+        capture = OutputCapture(self.files, self.namer, self.options.capture)
+        budget = Budget(self.options.capture.max_execution_bytes)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + timeout
-        msg_id, queue = kernel.conn.send("execute_request", execute_content(code))
-        over_quota: list[int] = []
-
-        async def stop_for_quota(size: int) -> None:
-            over_quota.append(size)
-            await kernel.proc.send_signal(signal.SIGINT)
-
-        disk_limit = self.backend.config.limits.disk_bytes
-        watchdog = (
-            loop.create_task(quota.watch(self.workdir, disk_limit, self.disk, stop_for_quota))
-            if disk_limit
-            else None
-        )
-
-        status = "ok"
-        reply: dict | None = None
-        idle = False
-        interrupted_at: float | None = None
-        died: ExitInfo | None = None
+        run = _Run()
+        msg_id, queue = kernel.conn.send("execute_request", execute_content(code), budget)
+        watchdog = self._watch_disk(kernel, run)
         try:
-            while not (idle and reply is not None):
-                if reply is not None:
-                    # Reply without idle: an IOPub message was lost; do not wait forever.
-                    wait_until = min(deadline, loop.time() + self.options.idle_after_reply)
-                elif interrupted_at is not None:
-                    wait_until = interrupted_at + self.options.interrupt_grace
-                else:
-                    wait_until = deadline
-                try:
-                    async with asyncio.timeout_at(wait_until):
-                        msg = await queue.get()
-                except TimeoutError:
-                    if reply is not None or interrupted_at is not None:
-                        break  # idle lost, or SIGINT did not stop it within the grace period
-                    status = "timeout"
-                    interrupted_at = loop.time()
-                    await kernel.proc.send_signal(signal.SIGINT)
-                    continue
-                if msg is DIED:
-                    died = kernel.death.result()
-                    await asyncio.sleep(0.05)  # let the readers hand over what arrived last
-                    while not queue.empty():
-                        if (late := queue.get_nowait()) is not DIED:
-                            await self._take(late, capture, on_event)
-                    break
-                if msg["msg_type"] == "execute_reply":
-                    reply = msg
-                    continue
-                idle = idle or _is_idle(msg)
-                await self._take(msg, capture, on_event)
+            await self._collect(kernel, queue, capture, on_event, started + timeout, run)
         finally:
             kernel.conn.forget(msg_id)
             if watchdog is not None:
                 watchdog.cancel()
+        capture.note_budget(budget)
+        return self._outcome(run, capture, timeout, (loop.time() - started) * 1000)
 
-        duration_ms = (loop.time() - started) * 1000
-        count = reply["content"].get("execution_count") if reply else None
-        if count:
+    async def _collect(
+        self,
+        kernel: Kernel,
+        queue: asyncio.Queue[dict],
+        capture: OutputCapture,
+        on_event: OnEvent | None,
+        deadline: float,
+        run: _Run,
+    ) -> None:
+        """Take the kernel's messages for this execution until it is over, one way or another."""
+        loop = asyncio.get_running_loop()
+        opts = self.options
+        while not (run.idle and run.reply is not None):
+            if run.reply is not None:  # reply without idle: an IOPub message was lost
+                wait_until = min(deadline, loop.time() + opts.idle_after_reply)
+            elif run.idle:  # idle without reply: the reply is late, or never coming
+                wait_until = run.idle_at + opts.reply_after_idle
+            elif run.interrupted_at is not None:
+                wait_until = run.interrupted_at + opts.interrupt_grace
+            else:
+                wait_until = deadline
+            try:
+                async with asyncio.timeout_at(wait_until):
+                    msg = await queue.get()
+            except TimeoutError:
+                if run.reply is not None and not run.saw_iopub:
+                    run.broken = "its output channel went silent"
+                elif run.idle and run.reply is None:
+                    run.broken = "it did not answer the execute request"
+                elif run.reply is None and run.interrupted_at is None:
+                    run.interrupted_at = loop.time()
+                    await kernel.proc.send_signal(signal.SIGINT)
+                    continue
+                return  # idle lost, or SIGINT did not stop it within the grace period
+            if msg is DIED:
+                run.died = await kernel.end()
+                while not queue.empty():  # what arrived before the end
+                    if (late := queue.get_nowait()) is not DIED and not run.broken:
+                        await self._take(late, capture, on_event, run)
+                return
+            if msg["msg_type"] == "execute_reply":
+                run.reply = msg
+                continue
+            run.saw_iopub = True
+            if msg["msg_type"] == "status":
+                if not run.idle and msg["content"].get("execution_state") == "idle":
+                    run.idle, run.idle_at = True, loop.time()
+                continue
+            await self._take(msg, capture, on_event, run)
+            if run.broken:
+                return
+
+    async def _take(
+        self, msg: dict, capture: OutputCapture, on_event: OnEvent | None, run: _Run
+    ) -> None:
+        try:
+            event = await capture.feed(msg)
+        except ProtocolError as exc:
+            run.broken = f"it broke the protocol: {exc}"
+            return
+        if on_event is not None and event is not None:
+            maybe = on_event(*event)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+
+    def _outcome(
+        self, run: _Run, capture: OutputCapture, timeout: float, duration_ms: float
+    ) -> Execution:
+        """The Execution, and the kernel's replacement where it cannot go on."""
+        reply = run.reply["content"] if run.reply is not None else None
+        count = reply.get("execution_count") if reply else None
+        if isinstance(count, int) and count > 0:
             self.execution_count = count
+        else:
+            count = None
+        status = "ok"
         restarted = False
-        if died is not None:
-            status = "died"
-            reason = "out of memory" if died.oom else died.reason
-            capture.replace_error(
-                ErrorInfo(
-                    name="KernelDied",
-                    value=f"The kernel died while running this code ({reason}). {STATE_LOST}",
-                )
-            )
-            restarted = True
+        if run.died is not None or run.broken is not None:
+            status, restarted = "died", True
+            if run.died is not None:
+                reason = "out of memory" if run.died.oom else run.died.reason
+                value = f"The kernel died while running this code ({reason}). {STATE_LOST}"
+            else:
+                value = f"The kernel stopped working properly ({run.broken}). {STATE_LOST}"
+                log.warning("session %s: kernel replaced: %s", self.id, run.broken)
+            capture.replace_error(ErrorInfo(name="KernelDied", value=value))
             self._schedule_restart()
-        elif status == "timeout":
+        elif run.interrupted_at is not None:
+            status = "timeout"
             value = f"{TIMEOUT_TEXT} ({timeout:g} s)"
-            if not (idle or reply is not None):
+            if not (run.idle or reply is not None):
                 # Still running after SIGINT and the grace period: only a restart stops it.
                 restarted = True
                 value += f" Interrupting did not stop it. {STATE_LOST}"
                 self._schedule_restart()
             capture.replace_error(ErrorInfo(name="TimeoutError", value=value))
-        elif over_quota:
+        elif run.over_quota is not None:
             status = "error"
+            limit = self.backend.config.limits.disk_bytes
             capture.replace_error(
                 ErrorInfo(
                     name="DiskQuotaExceeded",
-                    value=f"The working directory holds {over_quota[0]} bytes, over its limit "
-                    f"of {disk_limit} bytes; the code was interrupted. Delete files to go on.",
+                    value=f"The working directory holds {run.over_quota} bytes, over its limit "
+                    f"of {limit} bytes; the code was interrupted. Delete files to go on.",
                 )
             )
-        elif capture.has_error or (reply is not None and reply["content"]["status"] == "error"):
+        elif capture.has_error:
             status = "error"
-        if reply is not None and not idle and died is None and status != "timeout":
+        elif isinstance(reply, dict) and reply.get("status") == "error":
+            status = "error"
+            with contextlib.suppress(ProtocolError):  # no usable error in it: status says it
+                capture.take_error(reply)
+        if reply is not None and not run.idle and status in ("ok", "error"):
             capture.note_lost_output()
         return capture.build(
             status,  # type: ignore[arg-type]
@@ -263,32 +326,59 @@ class KernelSession:
             kernel_restarted=restarted,
         )
 
-    async def _take(self, msg: dict, capture: OutputCapture, on_event: OnEvent | None) -> None:
-        event = capture.feed(msg)
-        if on_event is not None and event is not None:
-            maybe = on_event(*event)
-            if asyncio.iscoroutine(maybe):
-                await maybe
+    def _watch_disk(self, kernel: Kernel, run: _Run) -> asyncio.Task[None] | None:
+        """Where no filesystem enforces the disk limit: measure while the code runs."""
+        limit = self.backend.config.limits.disk_bytes
+        if not limit or self.files.own_filesystem:
+            return None
+
+        async def stop(size: int) -> None:
+            run.over_quota = size
+            await kernel.proc.send_signal(signal.SIGINT)
+
+        return asyncio.get_running_loop().create_task(
+            quota.watch(self.files, limit, self.disk, stop)
+        )
+
+    async def check_disk(self) -> None:
+        """Between executions, where no filesystem enforces the disk limit: a directory past
+        its limit that grew since last measured has a writer still running (a background
+        thread or process): the kernel is replaced, and the next execution says why."""
+        limit = self.backend.config.limits.disk_bytes
+        if not limit or self.files.own_filesystem or self.busy or self._closed:
+            return
+        size = await self.disk.over(self.files, limit)
+        if size is not None and not self.busy and not self._closed:
+            log.warning("session %s: %d bytes on disk while idle; restarting", self.id, size)
+            self._notice = (
+                f"The working directory grew to {size} bytes, over its limit of {limit} bytes, "
+                f"while no code of this session was running (a background thread or process "
+                f"kept writing). {STATE_LOST} Delete files to go on."
+            )
+            self._schedule_restart()
 
     async def run_hidden(self, code: str, timeout: float = 10.0) -> None:
         """Run set-up code silently (no history, no execution count, no output kept)."""
         async with self._lock:
             await self._ensure_kernel()
+            assert self.kernel.conn is not None
             msg_id, queue = self.kernel.conn.send(
-                "execute_request", execute_content(code, silent=True)
+                "execute_request", execute_content(code, silent=True), Budget(0)
             )
             try:
                 async with asyncio.timeout(timeout):
                     while True:
                         msg = await queue.get()
                         if msg is DIED:
-                            raise RuntimeError("the kernel died running set-up code")
+                            raise KernelStartError("the kernel died running set-up code")
                         if msg["msg_type"] == "execute_reply":
-                            if msg["content"]["status"] != "ok":
-                                raise RuntimeError(
+                            if msg["content"].get("status") != "ok":
+                                raise KernelStartError(
                                     f"set-up code failed: {msg['content'].get('evalue')}"
                                 )
                             return
+            except TimeoutError:
+                raise KernelStartError("the kernel did not run its set-up code") from None
             finally:
                 self.kernel.conn.forget(msg_id)
 
@@ -315,8 +405,14 @@ class KernelSession:
 
     async def _restart_now(self) -> None:
         old = self.kernel
-        await old.shutdown()
+        try:
+            await old.shutdown()
+        except Exception:
+            # The new kernel must not depend on the old one going quietly (a container the
+            # engine is slow to remove after a fork bomb, say); the backend still owns it.
+            log.exception("session %s: stopping the old kernel failed", self.id)
         self.kernel = await Kernel.start(self.backend, self.workdir, self.env)
+        self.files.owner = self.backend.file_owner
         self.execution_count = 0
 
     async def close(self) -> None:
@@ -339,7 +435,3 @@ def execute_content(code: str, silent: bool = False) -> dict:
         "allow_stdin": False,  # input() raises at once instead of waiting for nobody
         "stop_on_error": False,
     }
-
-
-def _is_idle(msg: dict) -> bool:
-    return msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle"

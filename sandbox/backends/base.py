@@ -44,6 +44,9 @@ class KernelConfig:
     output_cap_chars: int = 200_000
     # Cap on one image (decoded bytes) that a display may carry.
     image_cap_bytes: int = 8 * 1024**2
+    # Largest message the host takes from a kernel (a larger one drops the connection, and the
+    # kernel is replaced); also bounds what the host holds per message before checking it.
+    max_message_bytes: int = 16 * 1024**2
     # Extra environment for the kernel (never the service's own environment).
     env: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 60.0
