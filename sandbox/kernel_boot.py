@@ -146,29 +146,83 @@ def _cap_text(value: str, cap: int) -> str:
     return f"{value[:half]}...[{len(value) - 2 * half} characters truncated]...{value[-half:]}"
 
 
+def _cap_bundle(data: dict, text_cap: int, image_cap: int) -> dict:
+    """A MIME bundle with no image over `image_cap` bytes and no text over `text_cap`."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for mime, value in list(data.items()):
+        if not isinstance(value, str):
+            continue
+        if mime in ("image/png", "image/jpeg"):
+            if len(value) * 3 // 4 > image_cap:
+                del data[mime]
+                data["text/plain"] = (
+                    f"[image of about {len(value) * 3 // 4} bytes dropped: "
+                    f"larger than the {image_cap}-byte limit]"
+                )
+        else:
+            data[mime] = _cap_text(value, text_cap if mime != "image/svg+xml" else image_cap)
+    return data
+
+
 def install_display_caps(shell, text_cap: int, image_cap: int) -> None:
-    """Bound what one display or result can carry before it leaves the kernel."""
+    """Bound what one display or result can carry before it leaves the kernel: what the
+    formatter makes (results, `display(obj)`) and what is published raw
+    (`publish_display_data`, `display(..., raw=True)`). Honest code then never meets the
+    host's own limits, which are what actually bound a kernel that goes around these."""
     formatter = shell.display_formatter
-    original = formatter.format
-    image_types = ("image/png", "image/jpeg")
+    original_format = formatter.format
 
     def format(obj, include=None, exclude=None):
-        data, metadata = original(obj, include=include, exclude=exclude)
-        for mime, value in list(data.items()):
-            if not isinstance(value, str):
-                continue
-            if mime in image_types:
-                if len(value) * 3 // 4 > image_cap:
-                    del data[mime]
-                    data["text/plain"] = (
-                        f"[image of about {len(value) * 3 // 4} bytes dropped: "
-                        f"larger than the {image_cap}-byte limit]"
-                    )
-            else:
-                data[mime] = _cap_text(value, text_cap if mime != "image/svg+xml" else image_cap)
-        return data, metadata
+        data, metadata = original_format(obj, include=include, exclude=exclude)
+        return _cap_bundle(data, text_cap, image_cap), metadata
 
     formatter.format = format
+    publisher = shell.display_pub
+    original_publish = publisher.publish
+
+    def publish(data, *args, **kwargs):
+        return original_publish(_cap_bundle(data, text_cap, image_cap), *args, **kwargs)
+
+    publisher.publish = publish
+
+
+def keep_streams_usable(shell, out, err) -> None:
+    """A cell that sets `sys.stdout = None` (or anything without write/flush) would break
+    every later cell inside IPython itself: each request starts with working streams again
+    (before ipykernel tells the streams which request they now print for)."""
+    original_set_parent = shell.set_parent
+
+    def set_parent(*args, **kwargs):
+        for name, stream in (("stdout", out), ("stderr", err)):
+            current = getattr(sys, name)
+            if not all(callable(getattr(current, a, None)) for a in ("write", "flush")):
+                setattr(sys, name, stream)
+        return original_set_parent(*args, **kwargs)
+
+    shell.set_parent = set_parent
+
+
+def threads_keep_their_cell(out, err, display_pub) -> None:
+    """Output of a thread goes to the cell that started it, not to whichever cell runs when
+    it prints: a background thread's late output is then dropped by the host (its cell is
+    over) instead of landing in the next cell's result."""
+    original_start = threading.Thread.start
+
+    def start(self, *args, **kwargs):
+        parents = [(s, s.parent_header) for s in (out, err, display_pub)]
+        original_run = self.run
+
+        def run():
+            for stream, parent in parents:
+                stream.set_thread_parent(parent)
+            original_run()
+
+        self.run = run
+        return original_start(self, *args, **kwargs)
+
+    threading.Thread.start = start
 
 
 def _no_input(*_args, **_kwargs):
@@ -237,13 +291,14 @@ def main(argv: list[str]) -> None:
     app.initialize([*argv, "--IPKernelApp.quiet=True"])
     shell = app.shell
 
+    out, err = sys.stdout, sys.stderr
     budget = StreamBudget(output_cap)
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (out, err):
         budget.install(stream)
 
     def flush_tails(*_args) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        out.flush()
+        err.flush()
         parent = app.kernel.get_parent("shell")
         for name, text, dropped in budget.pending():
             app.session.send(
@@ -262,6 +317,8 @@ def main(argv: list[str]) -> None:
         "post_run_cell", lambda *_: os._exit(0) if os.getpid() != kernel_pid else None
     )
     install_display_caps(shell, output_cap, image_cap)
+    keep_streams_usable(shell, out, err)
+    threads_keep_their_cell(out, err, shell.display_pub)
     app.kernel._no_raw_input = _no_input  # input() with allow_stdin=False
     preload(shell)
     app.start()
