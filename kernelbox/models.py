@@ -7,9 +7,9 @@ fields added here only extend it.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 ExecutionStatus = Literal["ok", "error", "timeout", "died"]
 Style = Literal["qwen", "plain"]
@@ -72,6 +72,9 @@ class Execution(_Model):
     kernel_restarted: bool = False
     text: str | None = None
     outputs: list[OutputRef] = Field(default_factory=list)
+    # What the host left out or changed, in words (output over a limit, an image not saved, a
+    # kernel replaced between calls); `truncated` is true when output was left out.
+    notes: list[str] = Field(default_factory=list)
 
 
 class RenderOptions(_Model):
@@ -112,14 +115,36 @@ def render_options(fmt: Format | None, default_envelope: Envelope = "text") -> R
     return RenderOptions(style=style, envelope=envelope)  # type: ignore[arg-type]
 
 
+# An environment variable as a shell would accept it; KERNELBOX_* are the sandbox's own.
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+EnvValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$", max_length=32_768)]
+
+
 class CreateSessionRequest(_Model):
     model_config = ConfigDict(extra="forbid")
 
     idle_timeout: float | None = Field(
-        default=None, gt=0, description="Seconds without use before the session is reaped."
+        default=None,
+        gt=0,
+        description="Seconds without use before the session is reaped (capped by the "
+        "service's maximum).",
     )
-    env: dict[str, str] | None = Field(default=None, examples=[{"MY_SETTING": "1"}])
+    env: dict[EnvName, EnvValue] | None = Field(
+        default=None,
+        max_length=256,
+        description="Environment variables for the code (names as a shell takes them, not "
+        "KERNELBOX_*; values without NUL).",
+        examples=[{"MY_SETTING": "1"}],
+    )
     metadata: dict[str, Any] | None = Field(default=None, examples=[{"user": "alice"}])
+
+    @field_validator("env")
+    @classmethod
+    def _not_ours(cls, env: dict[str, str] | None) -> dict[str, str] | None:
+        reserved = [name for name in env or {} if name.upper().startswith("KERNELBOX_")]
+        if reserved:
+            raise ValueError(f"KERNELBOX_* variables are the sandbox's own: {reserved}")
+        return env
 
 
 class ExecuteRequest(_Model):

@@ -107,6 +107,10 @@ class ForkServerOptions:
     #: after the template reports a run's end, how long its pipes may take to reach EOF
     drain_grace: float = 2.0
 
+    @property
+    def total_slots(self) -> int:
+        return self.templates * self.slots
+
 
 @dataclass
 class RunRequest:

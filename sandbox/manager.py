@@ -1,7 +1,10 @@
 """The session registry: sessions by id and owner, capacity, idle expiry, one-shot runs.
 
 Ownership is an opaque string (the service derives it from the API key); a session is
-invisible to every other owner, which is what "another key gets 404" rests on.
+invisible to every other owner, which is what "another key gets 404" rests on. Each owner also
+has a share: at most `max_sessions_per_owner` slots (sessions and one-shot kernels together)
+and `max_runs_per_owner` one-shot runs at once, so that one key's load never makes another
+key's request fail.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import shutil
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,9 +22,9 @@ from typing import Any
 
 from kernelbox.models import Execution, Session
 
-from . import files as sandbox_files
 from .errors import PoolExhausted, SessionNotFound
-from .pool import KernelPool
+from .files import FileLimits
+from .pool import KernelPool, WarmKernel
 from .session import KernelSession, OnEvent, SessionOptions
 
 log = logging.getLogger(__name__)
@@ -30,12 +33,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class ManagerOptions:
     max_sessions: int = 64
+    #: slots (sessions and one-shot kernels) one owner may hold; None: all of them
+    max_sessions_per_owner: int | None = None
+    #: one-shot runs (execute once, notebooks, stateless runs) one owner may have at once
+    max_runs_per_owner: int | None = None
     default_idle_timeout: float = 600.0
-    max_idle_timeout: float = 24 * 3600.0
+    max_idle_timeout: float = 3600.0
     # How long a create may wait for a free slot before PoolExhausted (0: answer at once).
     acquire_wait: float = 0.0
     reap_interval: float = 1.0
+    # Where no filesystem enforces the disk limit: how often idle sessions are measured.
+    disk_check_interval: float = 5.0
     session: SessionOptions = field(default_factory=SessionOptions)
+    files: FileLimits = field(default_factory=FileLimits)
 
 
 @dataclass
@@ -46,6 +56,7 @@ class NotebookRun:
     timed_out: bool = False  # the total or a cell's deadline passed
     died: bool = False  # the kernel died in the last cell
     files: dict[str, bytes] = field(default_factory=dict)  # the fetched ones
+    notes: list[str] = field(default_factory=list)  # fetched files left out, and why
     elapsed: float = 0.0  # seconds, kernel acquisition included
 
 
@@ -88,6 +99,8 @@ class SessionManager:
         self.options = options or ManagerOptions()
         self._sessions: dict[str, ManagedSession] = {}
         self._slots = asyncio.Semaphore(self.options.max_sessions)
+        self._held: Counter[str] = Counter()  # slots per owner
+        self._runs: Counter[str] = Counter()  # one-shot runs per owner
         self._reaper: asyncio.Task[None] | None = None
         self.reaped_total = 0
 
@@ -105,6 +118,7 @@ class SessionManager:
         sessions, self._sessions = list(self._sessions.values()), {}
         await asyncio.gather(*(self._close(m) for m in sessions), return_exceptions=True)
         await self.pool.close()
+        await self.pool.workdirs.close()
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -120,20 +134,14 @@ class SessionManager:
         env: dict[str, str] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> ManagedSession:
-        await self._take_slot()
+        """A session from the warm pool; `idle_timeout` is capped at `max_idle_timeout`."""
+        await self._take_slot(owner)
         try:
             warm = await self.pool.acquire()
         except BaseException:
-            self._slots.release()
+            self._give_back(owner)
             raise
-        session = KernelSession(
-            self.pool.backend,
-            warm.kernel,
-            warm.workdir,
-            options=self.options.session,
-            env=env,
-            session_id=warm.id,
-        )
+        session = self._session(warm, env)
         managed = ManagedSession(
             session=session,
             owner=owner,
@@ -180,15 +188,39 @@ class SessionManager:
         finally:
             managed.last_used_at = time.time()
 
+    # -- one-shot runs ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def run_slot(self, owner: str) -> AsyncIterator[None]:
+        """One of the owner's one-shot runs (any kind); PoolExhausted past its share."""
+        limit = self.options.max_runs_per_owner
+        if limit is not None and self._runs[owner] >= limit:
+            raise PoolExhausted(
+                f"this key already has {limit} one-shot runs under way, its limit",
+                retry_after=1,
+            )
+        self._runs[owner] += 1
+        try:
+            yield
+        finally:
+            self._runs[owner] -= 1
+            if not self._runs[owner]:
+                del self._runs[owner]
+
     async def run_once(
-        self, code: str, timeout: float | None = None, on_event: OnEvent | None = None
+        self,
+        owner: str,
+        code: str,
+        timeout: float | None = None,
+        on_event: OnEvent | None = None,
     ) -> Execution:
         """Stateless: a fresh warm kernel, used once and discarded."""
-        async with self.throwaway() as session:
+        async with self.throwaway(owner) as session:
             return await session.execute(code, timeout, on_event)
 
     async def run_notebook(
         self,
+        owner: str,
         cells: list[str],
         *,
         total_timeout: float,
@@ -197,16 +229,16 @@ class SessionManager:
         fetch: Sequence[str] = (),
     ) -> NotebookRun:
         """Run `cells` in order in one fresh kernel, used once and discarded: `files` written
-        into its working directory first, `fetch` read back at the end (missing ones left out).
+        into its working directory first, `fetch` read back at the end (missing ones left out;
+        refused or oversized ones left out with a note).
         The total deadline starts with the kernel, so a cold start is not the cells' time.
         Raises OSError (or UnsafePath) when the files cannot be written."""
         run = NotebookRun()
         started = time.monotonic()
-        async with self.throwaway() as session:
+        async with self.throwaway(owner) as session:
             deadline = time.monotonic() + total_timeout
-            owner = self.pool.backend.file_owner  # the kernel may replace what it was given
             for path, data in (files or {}).items():
-                sandbox_files.write_file(session.workdir, path, data, owner=owner)
+                await session.files.write(path, data)
             for cell in cells:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -221,33 +253,53 @@ class SessionManager:
                     run.timed_out = execution.status == "timeout"
                     run.died = execution.status == "died"
                     break
-            for path in fetch:
-                with contextlib.suppress(OSError, sandbox_files.UnsafePath):
-                    run.files[path] = sandbox_files.read_file(session.workdir, path)
+            if fetch:
+                run.files, run.notes = await session.files.read_many(list(fetch))
         run.elapsed = time.monotonic() - started
         return run
 
     @contextlib.asynccontextmanager
-    async def throwaway(self) -> AsyncIterator[KernelSession]:
+    async def throwaway(self, owner: str) -> AsyncIterator[KernelSession]:
         """A session on a fresh warm kernel, for one caller only; discarded (kernel and
-        files) on exit, while the pool starts a replacement. Counts against max_sessions."""
-        await self._take_slot()
-        try:
-            warm = await self.pool.acquire()
-            session = KernelSession(
-                self.pool.backend, warm.kernel, warm.workdir, options=self.options.session
-            )
+        files) on exit, while the pool starts a replacement. Counts as one of the owner's
+        one-shot runs and against the slots (its own and max_sessions)."""
+        async with self.run_slot(owner):
+            await self._take_slot(owner)
             try:
-                yield session
+                warm = await self.pool.acquire()
+                session = self._session(warm, None)
+                try:
+                    yield session
+                finally:
+                    try:
+                        await session.close()
+                    finally:
+                        await self._remove_workdir(session)
             finally:
-                await session.close()
-                shutil.rmtree(warm.workdir.parent, ignore_errors=True)
-        finally:
-            self._slots.release()
+                self._give_back(owner)
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _take_slot(self) -> None:
+    def _session(self, warm: WarmKernel, env: dict[str, str] | None) -> KernelSession:
+        files = self.pool.workdirs.files(warm.workdir, warm.id, self.options.files)
+        files.owner = self.pool.backend.file_owner
+        return KernelSession(
+            self.pool.backend,
+            warm.kernel,
+            files,
+            options=self.options.session,
+            env=env,
+            session_id=warm.id,
+        )
+
+    async def _take_slot(self, owner: str) -> None:
+        limit = self.options.max_sessions_per_owner
+        if limit is not None and limit < self.options.max_sessions and self._held[owner] >= limit:
+            raise PoolExhausted(
+                f"this key holds {limit} sessions and one-shot kernels, its share of the "
+                f"service; delete sessions it no longer needs",
+                retry_after=5,
+            )
         wait = self.options.acquire_wait
         if wait <= 0 and self._slots.locked():
             raise PoolExhausted(
@@ -260,15 +312,32 @@ class SessionManager:
                 f"all {self.options.max_sessions} session slots stayed in use for {wait:g} s",
                 retry_after=max(1, round(wait)),
             ) from None
+        self._held[owner] += 1
+
+    def _give_back(self, owner: str) -> None:
+        self._held[owner] -= 1
+        if self._held[owner] <= 0:
+            del self._held[owner]
+        self._slots.release()
 
     async def _close(self, managed: ManagedSession) -> None:
         try:
             await managed.session.close()
         finally:
-            shutil.rmtree(managed.session.workdir.parent, ignore_errors=True)
-            self._slots.release()
+            try:
+                await self._remove_workdir(managed.session)
+            finally:
+                self._give_back(managed.owner)
+
+    async def _remove_workdir(self, session: KernelSession) -> None:
+        try:
+            await self.pool.workdirs.remove(session.workdir)
+        except Exception:
+            # Left for the instance's removal at shutdown (or the next start's, after a crash).
+            log.exception("could not remove the working directory of session %s", session.id)
 
     async def _reap_forever(self) -> None:
+        last_disk_check = time.monotonic()
         while True:
             await asyncio.sleep(self.options.reap_interval)
             now = time.time()
@@ -285,3 +354,16 @@ class SessionManager:
                         await self._close(managed)
                     except Exception:
                         log.exception("closing expired session %s failed", managed.id)
+            if (
+                not self.pool.workdirs.enforced
+                and time.monotonic() - last_disk_check >= self.options.disk_check_interval
+            ):
+                last_disk_check = time.monotonic()
+                await self._check_disks()
+
+    async def _check_disks(self) -> None:
+        sessions = [m.session for m in self._sessions.values()]
+        results = await asyncio.gather(*(s.check_disk() for s in sessions), return_exceptions=True)
+        for session, result in zip(sessions, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("measuring the disk use of session %s failed: %s", session.id, result)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import sys
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -15,9 +12,11 @@ from fastapi import FastAPI
 from kernelbox import __version__
 from sandbox.backends.base import KernelBackend, KernelConfig, Limits
 from sandbox.capture import CaptureLimits
+from sandbox.files import FileIO, FileLimits
 from sandbox.manager import ManagerOptions, SessionManager
 from sandbox.pool import KernelPool
 from sandbox.session import SessionOptions
+from sandbox.workdirs import Workdirs
 
 from . import errors
 from .body_limit import BodyLimitMiddleware, limit_by_route
@@ -35,8 +34,10 @@ def kernel_config(settings: Settings) -> KernelConfig:
             cpus=settings.cpus,
             pids=settings.pids,
             file_size_bytes=settings.max_file_bytes * 10,
+            disk_bytes=settings.disk_mb * 1024**2,
         ),
         output_cap_chars=settings.max_output_chars,
+        max_message_bytes=settings.max_execution_bytes,
     )
 
 
@@ -63,9 +64,12 @@ def build_backend(settings: Settings) -> KernelBackend:
     return LocalBackend(config, python=settings.kernel_python or sys.executable)
 
 
-def manager_options(settings: Settings) -> ManagerOptions:
+def manager_options(settings: Settings, run_slots: int) -> ManagerOptions:
     return ManagerOptions(
         max_sessions=settings.max_sessions,
+        max_sessions_per_owner=settings.max_sessions_per_key
+        or settings.per_key(settings.max_sessions),
+        max_runs_per_owner=settings.max_runs_per_key or settings.per_key(run_slots),
         default_idle_timeout=settings.idle_timeout,
         max_idle_timeout=settings.max_idle_timeout,
         acquire_wait=settings.pool_wait,
@@ -73,8 +77,12 @@ def manager_options(settings: Settings) -> ManagerOptions:
             default_timeout=settings.default_timeout,
             max_timeout=settings.max_timeout,
             interrupt_grace=settings.interrupt_grace,
-            capture=CaptureLimits(max_chars=settings.max_output_chars),
+            capture=CaptureLimits(
+                max_chars=settings.max_output_chars,
+                max_execution_bytes=settings.max_execution_bytes,
+            ),
         ),
+        files=FileLimits(max_file_bytes=settings.max_file_bytes),
     )
 
 
@@ -83,11 +91,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        io = FileIO()
         # Each service instance keeps its sessions' files in a directory of its own.
-        root = settings.data_dir / f"instance-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        backend = build_backend(settings)
-        pool = KernelPool(backend, root, min_idle=settings.min_idle)
-        manager = SessionManager(pool, manager_options(settings))
+        workdirs = Workdirs(
+            settings.data_dir, io, settings.disk_mb * 1024**2, settings.workdir_mount
+        )
+        try:
+            await workdirs.remove_stale()
+            backend = build_backend(settings)
+        except BaseException:
+            await workdirs.close()
+            io.close()
+            raise
+        pool = KernelPool(backend, workdirs, min_idle=settings.min_idle)
+        run_slots = sandboxfusion.forkserver_options(settings).total_slots
+        manager = SessionManager(pool, manager_options(settings, run_slots))
         app.state.manager = manager
         manager.start()
         log.info(
@@ -97,9 +115,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             # Graceful shutdown: every kernel stops, nothing is left behind.
-            await manager.close()
-            await backend.close()
-            shutil.rmtree(root, ignore_errors=True)
+            try:
+                await manager.close()
+            finally:
+                await backend.close()
+                io.close()
 
     app = FastAPI(
         title="kernelbox",

@@ -20,15 +20,15 @@ _FILE_ROUTE = re.compile(r"^/v1/sessions/[^/]+/files/")
 DRAIN_LIMIT = 256 * 1024**2
 
 
-class _TooLarge(Exception):
-    pass
-
-
 def limit_by_route(json_limit: int, file_limit: int) -> Callable[[Scope], int]:
     return lambda scope: file_limit if _FILE_ROUTE.match(scope["path"]) else json_limit
 
 
 class BodyLimitMiddleware:
+    """Reads each request's body, up to its limit, before the app sees any of it: so an
+    oversized body is a 413 whether or not it declared its length (a chunked one would
+    otherwise fail inside the app's JSON parsing, as a 400)."""
+
     def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], int]) -> None:
         self.app = app
         self.limit_for = limit_for
@@ -43,32 +43,29 @@ class BodyLimitMiddleware:
             await _drain(receive, int(declared))
             await _reject(send, limit)
             return
-        received = 0
-        started = False
-        more_body = True
-
-        async def limited_receive() -> Message:
-            nonlocal received, more_body
+        body = bytearray()
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            more_body = message.get("more_body", False)
-            if received > limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away before it finished sending
+            body += message.get("body", b"")
+            if len(body) > limit:
+                if message.get("more_body", False):
+                    await _drain(receive, DRAIN_LIMIT)
+                await _reject(send, limit)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: only a disconnect comes
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if started:
-                raise
-            if more_body:
-                await _drain(receive, DRAIN_LIMIT)
-            await _reject(send, limit)
+        await self.app(scope, replay, send)
 
 
 async def _drain(receive: Receive, at_most: int) -> None:

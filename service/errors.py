@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +19,7 @@ from sandbox.errors import (
     SessionClosed,
     SessionNotFound,
 )
-from sandbox.files import FileTooLarge, UnsafePath
+from sandbox.files import FileOpTimeout, FileTooLarge, UnsafePath
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ _HTTP_CODES = {
     422: "invalid_body",
     429: "pool_exhausted",
     503: "unavailable",
+    507: "disk_full",
 }
 
 
@@ -43,6 +46,14 @@ ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
     KernelStartError: (503, "kernel_unavailable"),
     UnsafePath: (400, "bad_path"),
     FileTooLarge: (413, "too_large"),
+    FileOpTimeout: (503, "file_timeout"),
+}
+# System errors a file operation can meet that are the caller's (or the session's) to fix.
+OS_ERRORS: dict[int, tuple[int, str, str]] = {
+    errno.ENOSPC: (507, "disk_full", "the session's disk is full"),
+    errno.EDQUOT: (507, "disk_full", "the session's disk quota is used up"),
+    errno.EFBIG: (413, "too_large", "the file is larger than a file may be"),
+    errno.ENAMETOOLONG: (400, "bad_path", "the path is too long"),
 }
 
 
@@ -84,8 +95,8 @@ def install(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, PoolExhausted):
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-        elif isinstance(exc, KernelStartError):
-            log.error("kernel unavailable: %s", exc)
+        elif isinstance(exc, (KernelStartError, FileOpTimeout)):
+            log.error("%s: %s", code, exc)
             headers = {"Retry-After": "5"}
         return error_response(status, code, str(exc), headers=headers)
 
@@ -93,6 +104,14 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(error, _engine)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return error_response(500, "internal", f"{exc.__class__.__name__}: {exc}")
+    async def _internal(request: Request, exc: Exception):
+        if isinstance(exc, OSError) and exc.errno in OS_ERRORS:
+            status, code, message = OS_ERRORS[exc.errno]
+            return error_response(status, code, message)
+        # The body says nothing of the internals (paths, addresses, library state): the log
+        # has it, under an id the caller can quote.
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unhandled error %s in %s %s", incident, request.method, request.url.path)
+        return error_response(
+            500, "internal", f"internal error {incident}; the service's log has the details"
+        )

@@ -82,8 +82,12 @@ def stream(run: Run, finalize: Callable[[Execution], Execution]) -> StreamingRes
             execution = finalize(await task)
             yield format_sse_event(event="end", data_str=execution.model_dump_json())
         except Exception as exc:  # the response has started: no status left to send
-            code = ENGINE_ERRORS.get(type(exc), (500, exc.__class__.__name__))[1]
-            body = ErrorBody(error=ErrorDetail(code=code, message=str(exc)))
+            if type(exc) in ENGINE_ERRORS:
+                detail = ErrorDetail(code=ENGINE_ERRORS[type(exc)][1], message=str(exc))
+            else:
+                log.error("streamed execution failed", exc_info=exc)
+                detail = ErrorDetail(code="internal", message="internal error; see the log")
+            body = ErrorBody(error=detail)
             yield format_sse_event(event="fail", data_str=body.model_dump_json(exclude_none=True))
 
     return StreamingResponse(

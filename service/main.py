@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from .app import create_app
+from .http import http_protocol
 from .settings import Settings
 
 log = logging.getLogger("kernelbox")
@@ -53,5 +54,6 @@ def serve(settings: Settings) -> None:
         # Agents and RL workers keep connections open between calls; a 5 s keep-alive (the
         # default) races their next request and shows up as a read error on their side.
         timeout_keep_alive=75,
+        http=http_protocol(settings.header_timeout),
         log_level="info",
     )

@@ -26,23 +26,40 @@ class Settings(BaseSettings):
     # pool and sessions
     min_idle: int = Field(default=2, ge=0)
     max_sessions: int = Field(default=64, ge=1)
+    # A key's share: slots (sessions and one-shot kernels) and one-shot runs at once. Default:
+    # max_sessions (and the fork server's run slots) divided evenly among the keys.
+    max_sessions_per_key: int | None = Field(default=None, ge=1)
+    max_runs_per_key: int | None = Field(default=None, ge=1)
     pool_wait: float = Field(default=0.0, ge=0, description="seconds a create may wait for a slot")
     idle_timeout: float = Field(default=600.0, gt=0)
-    max_idle_timeout: float = Field(default=86_400.0, gt=0)
+    max_idle_timeout: float = Field(default=3600.0, gt=0)
+    # Sessions the tool endpoint makes for a call without a session id.
+    tool_session_idle_timeout: float = Field(default=300.0, gt=0)
 
     # executions
     default_timeout: float = Field(default=30.0, gt=0)
     max_timeout: float = Field(default=600.0, gt=0)
     interrupt_grace: float = Field(default=2.0, gt=0)
     max_output_chars: int = Field(default=200_000, ge=1000)
+    # Bytes of output (streams, results, images, errors) one execution may bring into the
+    # service; the rest is dropped before it is decoded. Also the largest message a kernel may
+    # send (a larger one replaces the kernel).
+    max_execution_bytes: int = Field(default=16 * 1024**2, ge=1024**2)
     max_code_chars: int = Field(default=1_000_000, ge=1)
     max_body_bytes: int = Field(default=2 * 1024**2, ge=1024)
     max_file_bytes: int = Field(default=100 * 1024**2, ge=1024)
+    # Seconds a client may take to send a request's headers.
+    header_timeout: float = Field(default=10.0, gt=0)
 
     # kernel limits
     memory_mb: int = Field(default=2048, ge=64)
     cpus: float = Field(default=1.0, gt=0)
     pids: int = Field(default=256, ge=8)
+    # The working directory's size. "auto": each is a size-limited filesystem of its own where
+    # the service may mount one (root), else its size is measured; "always": refuse to start
+    # without; "never": always measure.
+    disk_mb: int = Field(default=1024, ge=16)
+    workdir_mount: Literal["auto", "always", "never"] = "auto"
 
     # stateless runs (/run_code): fork-server templates, started on first use. 0 templates:
     # one per CPU core (at most 4); slots: concurrent runs per template (more wait their turn)
@@ -65,6 +82,10 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         # docker-compose.yml passes unset variables as empty strings
         return None if value == "" else value
+
+    def per_key(self, total: int) -> int:
+        """A key's even share of `total` (all of it with one key, or none configured)."""
+        return max(1, total // max(1, len(self.api_key)))
 
     @field_validator("api_key", mode="before")
     @classmethod

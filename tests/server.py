@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.http import http_protocol
 from service.settings import Settings
 
 
@@ -49,11 +50,11 @@ def listening_socket(port: int = 0) -> socket.socket:
 
 
 @contextlib.contextmanager
-def serving(app, sock: socket.socket | None = None) -> Iterator[str]:
+def serving(app, sock: socket.socket | None = None, **config) -> Iterator[str]:
     """Serve an ASGI app with uvicorn in a thread on loopback; yields its base URL."""
     sock = sock or listening_socket()
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -74,7 +75,7 @@ def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServe
     sock = listening_socket(settings.get("port", 0))
     config = Settings(**{**settings, "port": sock.getsockname()[1]})
     app = create_app(config)
-    with serving(app, sock) as url:
+    with serving(app, sock, http=http_protocol(config.header_timeout)) as url:
         if wait_ready and config.min_idle:
             _wait_for_warm(url, config.min_idle)
         yield RunningServer(url, app, config)

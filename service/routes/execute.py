@@ -22,7 +22,7 @@ router = APIRouter(tags=["execute"])
         429: {"description": "Every slot is taken; see Retry-After"},
     },
 )
-async def execute_once(body: ExecuteRequest, request: Request, _: str = Depends(require_owner)):
+async def execute_once(body: ExecuteRequest, request: Request, owner: str = Depends(require_owner)):
     """Stateless: nothing of this run is visible to any other. Images come back as data URLs."""
     executions.check_code(request, body.code)
     started = time.perf_counter()
@@ -34,7 +34,7 @@ async def execute_once(body: ExecuteRequest, request: Request, _: str = Depends(
         )
 
     def run(on_event):
-        return mgr.run_once(body.code, body.timeout, on_event)
+        return mgr.run_once(owner, body.code, body.timeout, on_event)
 
     if executions.wants_stream(request, body.stream):
         return executions.stream(run, finalize)

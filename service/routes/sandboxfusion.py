@@ -37,7 +37,7 @@ from kernelbox.sandboxfusion import (
     RunStatus,
 )
 from sandbox import files as sandbox_files
-from sandbox.errors import KernelStartError
+from sandbox.errors import KernelStartError, PoolExhausted
 from sandbox.forkserver import ForkServer, ForkServerError, ForkServerOptions, RunRequest
 
 from .. import executions
@@ -119,7 +119,7 @@ def _python_only(language: str) -> str:
 
 @router.post("/run_code", response_model=RunCodeResponse, responses=_RESPONSES)
 async def run_code(
-    body: RunCodeRequest, request: Request, _: str = Depends(require_owner)
+    body: RunCodeRequest, request: Request, owner: str = Depends(require_owner)
 ) -> RunCodeResponse:
     """Run `code` as a fresh python program: stdout, stderr, return code, files."""
     if body.language != "python":
@@ -134,17 +134,18 @@ async def run_code(
     forkserver: ForkServer = request.app.state.forkserver
     started = time.perf_counter()
     try:
-        result = await forkserver.run(
-            RunRequest(
-                code=body.code,
-                timeout=_timeout(request, body.run_timeout),
-                stdin=body.stdin,
-                files=files,
-                fetch_files=fetch,
-                memory_bytes=limit,
+        async with request.app.state.manager.run_slot(owner):
+            result = await forkserver.run(
+                RunRequest(
+                    code=body.code,
+                    timeout=_timeout(request, body.run_timeout),
+                    stdin=body.stdin,
+                    files=files,
+                    fetch_files=fetch,
+                    memory_bytes=limit,
+                )
             )
-        )
-    except ForkServerError as exc:
+    except (ForkServerError, PoolExhausted) as exc:
         request.app.state.metrics.observe("error", time.perf_counter() - started)
         return _sandbox_error(str(exc))
     timed_out = result.status == "timeout"
@@ -168,7 +169,7 @@ async def run_code(
 
 @router.post("/run_jupyter", response_model=RunJupyterResponse, responses=_RESPONSES)
 async def run_jupyter(
-    body: RunJupyterRequest, request: Request, _: str = Depends(require_owner)
+    body: RunJupyterRequest, request: Request, owner: str = Depends(require_owner)
 ) -> RunJupyterResponse:
     """Run `cells` in order in one fresh kernel (taken warm from the pool, then discarded)."""
     for cell in body.cells:
@@ -181,15 +182,17 @@ async def run_jupyter(
     total = body.total_timeout if body.total_timeout > 0 else request.app.state.settings.max_timeout
     try:
         run = await request.app.state.manager.run_notebook(
+            owner,
             body.cells,
             total_timeout=_timeout(request, total),
             cell_timeout=_timeout(request, body.cell_timeout) if body.cell_timeout > 0 else None,
             files={path: base64.b64decode(content) for path, content in files.items()},
             fetch=fetch,
         )
-    except KernelStartError as exc:
+    except (KernelStartError, PoolExhausted) as exc:
+        # SandboxFusion's clients read every answer as 200 with a status, never an HTTP error.
         return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc))
-    except (OSError, sandbox_files.UnsafePath) as exc:
+    except (OSError, sandbox_files.UnsafePath, sandbox_files.FileTooLarge) as exc:
         return RunJupyterResponse(
             status=RunStatus.SandboxError, message=f"files: could not write: {exc}"
         )
@@ -210,7 +213,7 @@ async def run_jupyter(
         )
     return RunJupyterResponse(
         status=RunStatus.Failed if run.timed_out or run.died else RunStatus.Success,
-        message="",
+        message="; ".join(run.notes),
         driver=driver,
         cells=[_cell(execution) for execution in run.executions],
         files={path: base64.b64encode(data).decode() for path, data in run.files.items()},

@@ -54,7 +54,9 @@ async def call_code_interpreter(
         code, invalid = "", exc
     mgr = manager(request)
     if body.session_id is None:
-        session_id = (await mgr.create(owner)).id
+        # Short-lived unless used again: a model that never comes back must not hold a slot.
+        idle = request.app.state.settings.tool_session_idle_timeout
+        session_id = (await mgr.create(owner, idle_timeout=idle)).id
     else:
         session_id = mgr.get(body.session_id, owner).id
     started = time.perf_counter()
