@@ -416,8 +416,13 @@ async def test_one_shot_execute_is_stateless(client):
 
 async def test_health_ready_and_metrics(client):
     assert (await client.get("/healthz")).json() == {"status": "ok"}
-    ready = await client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    # Ready means a warm kernel is waiting; earlier tests may have just taken them all.
+    deadline = time.monotonic() + 120
+    while (ready := await client.get("/readyz")).status_code != 200:
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
+        assert time.monotonic() < deadline, "no warm kernel within 120 s"
+        await asyncio.sleep(0.2)
+    assert ready.json()["status"] == "ready" and ready.json()["idle_kernels"] >= 1
     await client.post("/v1/execute", json={"code": "1"})
     text = (await client.get("/metrics")).text
     for name in (
@@ -533,8 +538,9 @@ def test_kernels_die_with_a_killed_service(tmp_path):
 
     port = free_port()
     env = {**os.environ, "KERNELBOX_MIN_IDLE": "2", "KERNELBOX_DATA_DIR": str(tmp_path)}
+    serve = [sys.executable, "-m", "kernelbox.cli", "serve", "--port", str(port)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "kernelbox.cli", "serve", "--port", str(port)],
+        serve,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -552,6 +558,15 @@ def test_kernels_die_with_a_killed_service(tmp_path):
         server.wait(timeout=10)
         _, alive = psutil.wait_procs(kernels, timeout=10)
         assert alive == [], f"kernels outlived their service: {[p.pid for p in alive]}"
+        # What the dead instance left in the data directory (working directories, their
+        # filesystems when it was root) is removed by the next one that starts there.
+        server = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL)
+        _wait_for_warm(f"http://127.0.0.1:{port}", 1)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises it when done
+        with open("/proc/self/mountinfo") as f:
+            assert str(tmp_path) not in f.read(), "a working directory is still mounted"
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
     finally:
         if server.poll() is None:
             server.kill()
