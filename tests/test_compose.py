@@ -22,7 +22,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import IMAGE, require_docker
+
+from tests.conftest import IMAGE, require_docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 

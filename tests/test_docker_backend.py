@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IMAGE, require_docker
 
 from sandbox.backends.base import KernelConfig, Limits
 from sandbox.session import KernelSession
+from tests.conftest import IMAGE, require_docker
 
 pytestmark = pytest.mark.docker
 

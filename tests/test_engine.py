@@ -10,12 +10,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import make_backend
 
 from sandbox.backends.base import KernelConfig, Limits
 from sandbox.backends.local import LocalBackend
 from sandbox.errors import SessionBusy
 from sandbox.session import KernelSession, SessionOptions
+from tests.conftest import make_backend
 
 
 @pytest.fixture(scope="session")

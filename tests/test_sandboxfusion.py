@@ -16,8 +16,8 @@ import time
 import httpx
 import pytest
 import sandbox_fusion as sf
-from conftest import require_docker
 
+from tests.conftest import require_docker
 from tests.server import running_server
 
 KEY = "sf-test-key"
