@@ -1,16 +1,16 @@
-"""A started kernel and the ZMQ connection to it.
+"""A started kernel and the connection to it.
 
 Messages are signed and serialised by jupyter_client's `Session` (the protocol), but received
-by an event-loop reader per socket that hands each message to whoever waits for its parent
-id. jupyter_client's channel layer (a poller per `get_msg`, date parsing and version adaptation
+by a reader task per socket that hands each message to whoever waits for its parent id.
+jupyter_client's channel layer (a poller per `get_msg`, date parsing and version adaptation
 per message) cost twice the host CPU per execution, and the service runs thousands of
 executions per second across sessions.
 
-The sockets are plain (non-asyncio) ZMQ sockets watched with `loop.add_reader` on their FD.
-ZMQ's FD is edge-triggered and *any* operation on the socket, a send included, can consume
-the edge; so input is drained until `EVENTS` says there is none, after every wake-up and
-after every send. (A zmq.asyncio socket that one task sends on while another awaits a recv
-on it lost about 2% of shell replies under load here.)
+The kernel is untrusted, so the host does not read it with libzmq (which assembles a whole
+multipart message, of any number of parts, before handing any of it over): it speaks ZMTP on
+the kernel's unix sockets itself (zmtp.py) and decides from each part's size whether to read
+it at all: parts it does not need, and output past the execution's budget, are skipped as they
+stream by.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zmq
 from jupyter_client.session import Session
-from zmq.utils import monitor as zmq_monitor
 
+from . import zmtp
 from .backends.base import ExitInfo, KernelBackend, KernelProcess
 from .errors import KernelStartError
 
@@ -50,11 +49,8 @@ OUTPUT_TYPES = frozenset(
     {"stream", "display_data", "execute_result", "update_display_data", "error", "clear_output"}
 )
 CONTROL_TYPES = frozenset({"status", "execute_reply", "kernel_info_reply"})
-# Messages ZMQ queues per socket before it stops reading from the kernel (which then drops
-# IOPub output, or blocks on the shell): with the message size limit, a bound on what a
-# flooding kernel makes the host hold before Python sees it.
-IOPUB_HWM = 8
-SHELL_HWM = 4
+# Routing identities, the delimiter, five parts and a few binary buffers: an honest message.
+MAX_FRAMES = 32
 
 
 class ProtocolError(Exception):
@@ -96,48 +92,39 @@ class KernelConnection:
     def __init__(
         self,
         info: dict[str, Any],
+        shell: zmtp.Socket,
+        iopub: zmtp.Socket,
         on_fault: Callable[[str], None],
-        max_message_bytes: int = 16 * 1024**2,
     ) -> None:
-        for port in (info["shell_port"], info["iopub_port"]):
-            path = f"{info['ip']}-{port}"
-            if info["transport"] == "ipc" and not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise KernelStartError(f"{path} is not a socket")
         self.session = Session(
             key=info["key"].encode(),
             signature_scheme=info["signature_scheme"],
             username="kernelbox",
         )
-        self.max_message_bytes = max_message_bytes
-        self._on_fault = on_fault
+        self.shell, self.iopub = shell, iopub
         self.fault: str | None = None
-        self._loop = asyncio.get_running_loop()
-        ctx = zmq.Context.instance()
-        self.shell = self._socket(ctx, zmq.DEALER, info, info["shell_port"], SHELL_HWM)
-        self.iopub = self._socket(ctx, zmq.SUB, info, info["iopub_port"], IOPUB_HWM)
-        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._on_fault = on_fault
         self._waiters: dict[str, _Waiter] = {}
         self._closed = False
-        # A message over the size limit makes ZMQ drop the connection, silently but for this.
-        self._monitors = [
-            s.get_monitor_socket(zmq.EVENT_DISCONNECTED) for s in (self.shell, self.iopub)
-        ]
-        for sock in (self.shell, self.iopub):
-            self._loop.add_reader(sock.getsockopt(zmq.FD), self._drain, sock)
-        for mon in self._monitors:
-            self._loop.add_reader(mon.getsockopt(zmq.FD), self._watch, mon)
-            self._watch(mon)  # the FD is edge-triggered: take what came before we watched
+        loop = asyncio.get_running_loop()
+        self._readers = [loop.create_task(self._read_forever(s)) for s in (shell, iopub)]
 
-    def _socket(self, ctx: zmq.Context, kind: int, info: dict, port: int, hwm: int) -> zmq.Socket:
-        sock = ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        sock.setsockopt(zmq.RCVHWM, hwm)
-        # Never reconnect: the kernel can write its runtime directory, and a reconnect would
-        # follow whatever it put at the socket's path (another session's kernel, say).
-        sock.setsockopt(zmq.RECONNECT_IVL, -1)
-        sock.connect(f"{info['transport']}://{info['ip']}-{port}")
-        return sock
+    @classmethod
+    async def open(
+        cls, info: dict[str, Any], on_fault: Callable[[str], None], max_message_bytes: int
+    ) -> KernelConnection:
+        """Connect to a kernel whose sockets exist (ConnectionError if it does not listen)."""
+        paths = [f"{info['ip']}-{info[port]}" for port in ("shell_port", "iopub_port")]
+        for path in paths:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise KernelStartError(f"{path} is not a socket")
+        shell = await zmtp.Socket.connect(paths[0], b"DEALER", max_message_bytes)
+        try:
+            iopub = await zmtp.Socket.connect(paths[1], b"SUB", max_message_bytes)
+        except BaseException:
+            shell.close()
+            raise
+        return cls(info, shell, iopub, on_fault)
 
     def send(
         self, msg_type: str, content: dict[str, Any], budget: Budget | None = None
@@ -148,11 +135,10 @@ class KernelConnection:
         msg_id = msg["header"]["msg_id"]
         queue: asyncio.Queue[dict] = asyncio.Queue()
         self._waiters[msg_id] = _Waiter(queue, budget)
-        if self.fault is not None:
+        if self.fault is not None or self._closed:
             queue.put_nowait(DIED)
-            return msg_id, queue
-        self.session.send(self.shell, msg)
-        self._drain(self.shell)  # the send may have consumed the socket's read edge
+        else:
+            self.shell.send(self.session.serialize(msg))
         return msg_id, queue
 
     def forget(self, msg_id: str) -> None:
@@ -162,30 +148,108 @@ class KernelConnection:
         for waiter in self._waiters.values():
             waiter.queue.put_nowait(msg)
 
-    def _drain(self, sock: zmq.Socket) -> None:
-        while not self._closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                self._route(frames)
-            except ProtocolError as exc:
-                self._fail(f"the kernel broke the protocol: {exc}")
-                return
+    async def _read_forever(self, sock: zmtp.Socket) -> None:
+        try:
+            while True:
+                await self._read_message(sock)
+                await asyncio.sleep(0)  # a kernel that floods must not hold the event loop
+        except (ProtocolError, zmtp.ZmtpError) as exc:
+            self._fail(f"the kernel broke the protocol: {exc}")
+        except (asyncio.IncompleteReadError, OSError):
+            self._fail("the kernel's connection dropped")
 
-    def _watch(self, monitor: zmq.Socket) -> None:
-        while not self._closed and monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                event = zmq_monitor.recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._fail(
-                    "the kernel's connection dropped (it ended, or sent a message over "
-                    f"{self.max_message_bytes} bytes)"
-                )
-                return
+    async def _frame(self, sock: zmtp.Socket, count: list[int]) -> tuple[bool, int]:
+        """The next frame of a message: (more follow, size); commands between messages are
+        skipped (a ZMTP 3.0 peer sends none that matter)."""
+        while True:
+            more, command, size = await sock.next_frame()
+            if not command:
+                break
+            if count[0]:
+                raise ProtocolError("a command inside a message")
+            await sock.skip(size)
+        count[0] += 1
+        if count[0] > MAX_FRAMES:
+            raise ProtocolError(f"a message of more than {MAX_FRAMES} parts")
+        return more, size
+
+    async def _read_message(self, sock: zmtp.Socket) -> None:
+        """Read one message within bounds; hand it over if anyone waits for it."""
+        count = [0]
+        while True:  # routing identities and the topic, then the delimiter
+            more, size = await self._frame(sock, count)
+            if size > SMALL_PART_BYTES:
+                raise ProtocolError(f"a routing part of {size} bytes")
+            if await sock.body(size) == DELIM:
+                break
+            if not more:
+                raise ProtocolError("a message without its delimiter")
+        small = []
+        for _ in range(4):  # signature, header, parent header, metadata
+            if not more:
+                raise ProtocolError("a message without its five parts")
+            more, size = await self._frame(sock, count)
+            if size > SMALL_PART_BYTES:
+                raise ProtocolError(f"a header part of {size} bytes")
+            small.append(await sock.body(size))
+        if not more:
+            raise ProtocolError("a message without its content")
+        more, size = await self._frame(sock, count)
+        signature, header, parent, metadata = small
+        accepted = self._accepts(header, parent, size)
+        content = await sock.body(size) if accepted else None
+        if content is None:
+            await sock.skip(size)
+        while more:  # binary buffers: nothing the engine uses
+            more, size = await self._frame(sock, count)
+            await sock.skip(size)
+        if accepted is not None and content is not None:
+            self._deliver(accepted, signature, header, parent, metadata, content)
+
+    def _accepts(self, header: bytes, parent: bytes, size: int) -> _Waiter | None:
+        """Who gets a message whose content is `size` bytes, if it is to be read at all."""
+        parent_header = _object(parent, "parent header")
+        waiter = self._waiters.get(str(parent_header.get("msg_id", "")))
+        if waiter is None:
+            return None  # nobody waits (late output of a finished execution, say)
+        msg_type = _object(header, "header").get("msg_type")
+        if not isinstance(msg_type, str):
+            raise ProtocolError("a header without a msg_type")
+        if msg_type in OUTPUT_TYPES:
+            if waiter.budget is not None and not waiter.budget.charge(size):
+                return None
+        elif msg_type in CONTROL_TYPES:
+            if size > CONTROL_BYTES:
+                raise ProtocolError(f"a {msg_type} message of {size} bytes")
+        else:
+            return None  # execute_input and the like: nothing the engine uses
+        return waiter
+
+    def _deliver(
+        self,
+        waiter: _Waiter,
+        signature: bytes,
+        header: bytes,
+        parent: bytes,
+        metadata: bytes,
+        content: bytes,
+    ) -> None:
+        if self.session.auth is not None:
+            auth = self.session.auth.copy()
+            for part in (header, parent, metadata, content):
+                auth.update(part)
+            if not hmac.compare_digest(auth.hexdigest().encode(), signature):
+                raise ProtocolError("a message with an invalid signature")
+        head = _object(header, "header")
+        waiter.queue.put_nowait(
+            {
+                "msg_type": head["msg_type"],
+                "header": head,
+                "parent_header": _object(parent, "parent header"),
+                "metadata": _object(metadata, "metadata"),
+                "content": _object(content, f"{head['msg_type']} content"),
+            }
+        )
 
     def _fail(self, reason: str) -> None:
         if self.fault is None and not self._closed:
@@ -193,58 +257,14 @@ class KernelConnection:
             log.warning("kernel connection: %s", reason)
             self._on_fault(reason)
 
-    def _route(self, frames: list[bytes]) -> None:
-        """Check one message before decoding more of it than its size allows, and hand it to
-        whoever waits for its parent (nobody: it is dropped undecoded)."""
-        try:
-            i = frames.index(DELIM)
-            signature, header, parent, metadata, content = frames[i + 1 : i + 6]
-        except ValueError:
-            raise ProtocolError("a message without its five parts") from None
-        if max(len(header), len(parent), len(metadata)) > SMALL_PART_BYTES:
-            raise ProtocolError(f"a header over {SMALL_PART_BYTES} bytes")
-        waiter = self._waiters.get(str(_object(parent, "parent header").get("msg_id", "")))
-        if waiter is None:
-            return  # nobody waits (late output of a finished execution, say)
-        msg_type = _object(header, "header").get("msg_type")
-        if not isinstance(msg_type, str):
-            raise ProtocolError("a header without a msg_type")
-        if msg_type in OUTPUT_TYPES:
-            if waiter.budget is not None and not waiter.budget.charge(len(content)):
-                return
-        elif msg_type in CONTROL_TYPES:
-            if len(content) > CONTROL_BYTES:
-                raise ProtocolError(f"a {msg_type} message of {len(content)} bytes")
-        else:
-            return  # execute_input and the like: nothing the engine uses
-        if self.session.auth is not None:
-            auth = self.session.auth.copy()
-            for part in (header, parent, metadata, content):
-                auth.update(part)
-            if not hmac.compare_digest(auth.hexdigest().encode(), signature):
-                raise ProtocolError("a message with an invalid signature")
-        waiter.queue.put_nowait(
-            {
-                "msg_type": msg_type,
-                "header": _object(header, "header"),
-                "parent_header": _object(parent, "parent header"),
-                "metadata": _object(metadata, "metadata"),
-                "content": _object(content, f"{msg_type} content"),
-            }
-        )
-
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for sock in (self.shell, self.iopub):
-            self._loop.remove_reader(sock.getsockopt(zmq.FD))
-            sock.disable_monitor()
-        for mon in self._monitors:
-            self._loop.remove_reader(mon.getsockopt(zmq.FD))
-            mon.close(linger=0)
-        for sock in (self.shell, self.iopub):
-            sock.close(linger=0)
+        for task in self._readers:
+            task.cancel()
+        self.shell.close()
+        self.iopub.close()
 
 
 def _object(frame: bytes, what: str) -> dict[str, Any]:
@@ -314,8 +334,9 @@ class Kernel:
     async def _wait_ready(self, timeout: float) -> None:
         """Ready means: the shell answers *and* IOPub is subscribed.
 
-        The connection is made once the kernel has bound its sockets (ZMQ must not reconnect,
-        see KernelConnection), and made again if the first attempt came too early. PUB/SUB
+        The connection is made once the kernel has bound its sockets, and made again if the
+        first attempt came too early (it is never remade later: the kernel can write its
+        runtime directory, and a reconnect would follow whatever it put there). PUB/SUB
         drops messages until the subscription reaches the kernel, so a kernel_info reply alone
         would let the first execution's output vanish: kernel_info is repeated until its own
         status message comes back on IOPub.
@@ -343,7 +364,15 @@ class Kernel:
                     continue
                 if self.conn is not None:
                     self.conn.close()
-                self.conn = KernelConnection(info, self._faulted, self.max_message_bytes)
+                    self.conn = None
+                try:
+                    async with asyncio.timeout(2.0):
+                        self.conn = await KernelConnection.open(
+                            info, self._faulted, self.max_message_bytes
+                        )
+                except (OSError, zmtp.ZmtpError, asyncio.IncompleteReadError):
+                    await asyncio.sleep(0.05)  # bound but not listening yet: again
+                    continue
                 connected_at = loop.time()
             msg_id, queue = self.conn.send("kernel_info_request", {})
             try:
@@ -365,11 +394,11 @@ class Kernel:
 
     async def shutdown(self) -> None:
         """Kill the process and release everything; safe to call twice."""
+        if self.conn is not None:
+            self.conn.close()  # first: the connection dropping now is no fault of the kernel's
         try:
             await self.proc.kill()
         finally:
-            if self.conn is not None:
-                self.conn.close()
             await self.proc.cleanup()
             if not self.death.done():
                 self.death.cancel()

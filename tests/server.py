@@ -75,7 +75,10 @@ def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServe
     sock = listening_socket(settings.get("port", 0))
     config = Settings(**{**settings, "port": sock.getsockname()[1]})
     app = create_app(config)
-    with serving(app, sock, http=http_protocol(config.header_timeout)) as url:
+    # As `kernelbox serve` runs it: a keep-alive longer than httpx's 5 s, or a client may send
+    # on a connection the server is just closing; the header deadline.
+    protocol = http_protocol(config.header_timeout)
+    with serving(app, sock, http=protocol, timeout_keep_alive=75) as url:
         if wait_ready and config.min_idle:
             _wait_for_warm(url, config.min_idle)
         yield RunningServer(url, app, config)

@@ -54,9 +54,28 @@ async def test_a_message_over_the_size_limit_replaces_the_kernel(hostile):
         assert (await execute(c, sid, "kept = 1"))["status"] == "ok"
         big = await execute(c, sid, RAW_DISPLAY.format(n=1, size=40_000_000), timeout=60)
         assert big["status"] == "died" and big["kernel_restarted"] is True, big
-        assert "connection dropped" in big["error"]["value"]
+        assert "over the 16777216-byte limit" in big["error"]["value"], big["error"]
         after = await execute(c, sid, "1 + 1")
         assert after["status"] == "ok" and after["results"][0]["data"]["text/plain"] == "2"
+
+
+async def test_a_message_of_countless_parts_is_refused_as_it_arrives(hostile):
+    """libzmq would assemble all of it before handing over the first part; the host reads
+    the parts as they come and refuses the message at its 33rd."""
+    code = (
+        "k = get_ipython().kernel\n"
+        "part = b'x' * 2**20\n"
+        "k.session.send(k.iopub_socket, 'display_data', {'data': {}, 'metadata': {}},\n"
+        "               parent=k.get_parent('shell'), buffers=[part] * 400)\n"
+        "import time; time.sleep(2)"
+    )
+    async with hostile.client() as c:
+        sid = await new_session(c)
+        bomb = await execute(c, sid, code, timeout=60)
+        assert bomb["status"] == "died", bomb
+        assert "more than 32 parts" in bomb["error"]["value"], bomb["error"]
+        after = await execute(c, sid, "1 + 1", timeout=60)
+        assert after["status"] == "ok"
 
 
 async def test_print_floods_keep_head_and_tail(hostile):
