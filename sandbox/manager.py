@@ -204,7 +204,7 @@ class SessionManager:
         started = time.monotonic()
         async with self.throwaway() as session:
             deadline = time.monotonic() + total_timeout
-            owner = self.pool.backend.file_owner  # the kernel may replace what it was given
+            owner = session.kernel.proc.file_owner  # the kernel may replace what it was given
             for path, data in (files or {}).items():
                 sandbox_files.write_file(session.workdir, path, data, owner=owner)
             for cell in cells:

@@ -159,7 +159,7 @@ class KernelSession:
     async def _run(self, code: str, timeout: float, on_event: OnEvent | None) -> Execution:
         kernel = self.kernel
         capture = OutputCapture(
-            self.workdir, self.namer, self.options.capture, owner=self.backend.file_owner
+            self.workdir, self.namer, self.options.capture, owner=kernel.proc.file_owner
         )
         loop = asyncio.get_running_loop()
         started = loop.time()

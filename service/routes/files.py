@@ -28,8 +28,8 @@ def _workdir(request: Request, session_id: str, owner: str):
     return manager(request).get(session_id, owner).session.workdir
 
 
-def _file_owner(request: Request):
-    return manager(request).pool.backend.file_owner
+def _file_owner(request: Request, session_id: str, owner: str):
+    return manager(request).get(session_id, owner).session.kernel.proc.file_owner
 
 
 @router.get("", response_model=list[FileEntry], responses=ERRORS)
@@ -65,7 +65,8 @@ async def put_file(
     root = _workdir(request, session_id, owner)
     files.split_relative(path)  # refuse bad paths before reading the body
     data = await request.body()  # at most max_file_bytes: see body_limit.py
-    await asyncio.to_thread(files.write_file, root, path, data, owner=_file_owner(request))
+    file_owner = _file_owner(request, session_id, owner)
+    await asyncio.to_thread(files.write_file, root, path, data, owner=file_owner)
     return FileEntry(path=path, size=len(data), modified=datetime.now(UTC))
 
 
