@@ -60,7 +60,23 @@ def build_backend(settings: Settings) -> KernelBackend:
         )
     from sandbox.backends.local import LocalBackend
 
-    return LocalBackend(config, python=settings.kernel_python or sys.executable)
+    return LocalBackend(
+        config, python=settings.kernel_python or sys.executable, sandbox=settings.local_sandbox
+    )
+
+
+def check_isolation(settings: Settings, backend: KernelBackend) -> None:
+    """Several keys on a backend that cannot keep kernels apart would let one key's code reach
+    another's sessions: refuse, unless told to accept it."""
+    report = backend.isolation  # what is missing, the backend has said already
+    log.info("isolation: %s", report)
+    if report.get("weak") and len(settings.api_key) > 1 and not settings.allow_weak_isolation:
+        missing = "; ".join(report.get("missing", [])) or "see /readyz"
+        raise RuntimeError(
+            f"{len(settings.api_key)} API keys, but the {backend.name} backend cannot isolate "
+            f"their kernels from each other ({missing}). Fix that, or set "
+            "KERNELBOX_ALLOW_WEAK_ISOLATION=1 to accept it."
+        )
 
 
 def manager_options(settings: Settings) -> ManagerOptions:
@@ -86,6 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Each service instance keeps its sessions' files in a directory of its own.
         root = settings.data_dir / f"instance-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         backend = build_backend(settings)
+        try:
+            check_isolation(settings, backend)
+        except BaseException:
+            await backend.close()
+            raise
         pool = KernelPool(backend, root, min_idle=settings.min_idle)
         manager = SessionManager(pool, manager_options(settings))
         app.state.manager = manager
