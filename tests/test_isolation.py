@@ -13,11 +13,13 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -699,3 +701,116 @@ async def test_several_keys_on_weak_isolation_refuse_to_start_unless_allowed(tmp
         app = create_app(allowed)
         async with app.router.lifespan_context(app):
             assert app.state.manager.pool.backend.isolation["weak"] is True
+
+
+# -- a service that is not root ----------------------------------------------------------------
+
+NON_ROOT = 65534
+NON_ROOT_ENGINE = """
+import asyncio, json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from sandbox.backends.base import KernelConfig, Limits
+from sandbox.backends.local import LocalBackend
+from sandbox.session import KernelSession
+
+BOMB = '''
+import errno, os, time
+children, error = [], None
+for _ in range(200):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        error = errno.errorcode[exc.errno]
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    children.append(pid)
+time.sleep(1)
+for pid in children:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(len(children), error)
+'''
+
+async def main(root):
+    backend = LocalBackend(KernelConfig(limits=Limits(pids=32)), runtime_root=root / "run")
+    a = await KernelSession.start(backend, root / "a")
+    b = await KernelSession.start(backend, root / "b")
+    try:
+        seen = await a.execute(
+            f"print(json.dumps([os.getuid(), os.path.exists('/proc/{os.getpid()}'), "
+            "int([l for l in open('/proc/self/status') if l.startswith('CapEff')][0].split()[1]"
+            ", 16)]))"
+        )
+        bomb = asyncio.ensure_future(a.execute(BOMB, timeout=60))
+        await asyncio.sleep(0.5)
+        other = await b.execute("import subprocess\\nprint([subprocess.run(['true']).returncode"
+                                " for _ in range(5)])")
+        print(json.dumps({"isolation": backend.isolation, "seen": seen.stdout,
+                          "bomb": (await bomb).stdout, "other": other.stdout}))
+    finally:
+        await a.close()
+        await b.close()
+        await backend.close()
+
+root = Path(sys.argv[2])
+for name in ("a", "b"):
+    (root / name).mkdir()
+asyncio.run(main(root))
+"""
+
+
+def _traversable_for_others(path: Path) -> Path | None:
+    """The first ancestor of `path` that other users cannot enter, if any."""
+    for parent in [*reversed(path.parents), path]:
+        if parent.is_dir() and not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service is not root: every test here is so")
+def test_a_service_that_is_not_root_isolates_its_kernels_and_counts_their_processes_apart():
+    """Run the engine as another user (in a private mount namespace where that user can reach
+    this interpreter, e.g. pyenv's under /root, 0700): bwrap's unprivileged mode. The kernels
+    have the service's uid, yet cannot see it, and each has its own process count."""
+    repo = Path(__file__).resolve().parent.parent
+    prefix = Path(sys.base_prefix)
+    closed = _traversable_for_others(prefix)
+    root = Path(tempfile.mkdtemp(prefix="kb-nonroot-", dir="/tmp"))  # others may enter /tmp
+    try:
+        os.chown(root, NON_ROOT, NON_ROOT)
+        setup = ["set -e", "mount --make-rprivate /"]
+        if closed is not None:  # a tmpfs over it, with the one subtree needed moved back
+            below = prefix.relative_to(closed).parts[0]
+            stash = root / "stash"
+            stash.mkdir()
+            setup += [
+                f"mount --rbind {closed / below} {stash}",
+                f"mount -t tmpfs -o mode=0755 tmpfs {closed}",
+                f"mkdir {closed / below}",
+                f"mount --move {stash} {closed / below}",
+            ]
+        setup.append(f'exec setpriv --reuid={NON_ROOT} --regid={NON_ROOT} --clear-groups -- "$@"')
+        (root / "engine.py").write_text(NON_ROOT_ENGINE)
+        work = root / "work"
+        work.mkdir()
+        os.chown(work, NON_ROOT, NON_ROOT)
+        engine = [sys.executable, str(root / "engine.py"), str(repo), str(work)]
+        done = subprocess.run(
+            ["unshare", "-m", "sh", "-c", "\n".join(setup), "sh", *engine],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    isolation = report["isolation"]
+    assert isolation["weak"] is False and isolation["kernels"]["user"] == "the service's uid"
+    assert json.loads(report["seen"]) == [NON_ROOT, False, 0], report
+    forked, error = report["bomb"].split()
+    assert error == "EAGAIN" and int(forked) < 32, report
+    assert report["other"] == "[0, 0, 0, 0, 0]\n", report
