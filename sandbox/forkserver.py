@@ -15,9 +15,10 @@ through pipes the service reads itself (head kept up to a cap, the rest counted 
 and fetched files come back in another memfd. See forkserver_boot.py for the protocol.
 
 Backends:
-  - local: the template is a child process of the service, in its own process group and
-    (where the OS allows) a private network namespace; runs are the service's own user.
-    Not a security boundary, as for local kernels.
+  - local: the template runs in a bwrap sandbox like a kernel's (see backends/bwrap.py), and
+    every run in user, mount, PID, IPC and network namespaces of its own (forkserver_boot
+    --isolate), so runs cannot see, signal or reach each other or the template. Without the
+    sandbox: a child process of the service, its runs the service's user (no boundary).
   - docker: the template runs in a kernel-image container with the kernel containers'
     hardening (no network, read-only root, no-new-privileges, limits), as root with only
     SETUID, SETGID, KILL and DAC_OVERRIDE; every run drops to its own uid and gid from a

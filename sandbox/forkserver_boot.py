@@ -105,9 +105,11 @@ N_FDS = 5  # request, stdin, stdout, stderr, result
 # namespace of ours may mount a /proc of its own (the mount would reveal what they hide).
 PROC_COVERS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
 # PID 1 of a run's PID namespace. It must not be the run: a PID 1 ignores the signals it has no
-# handler for, so `os.kill(os.getpid(), SIGKILL)` would do nothing. It ignores SIGCHLD, so the
-# orphans it adopts are reaped as they end, and waits to be killed with the namespace.
-RUN_INIT = ["/bin/sh", "-c", 'trap "" CHLD; exec sleep 2147483647']
+# handler for, so `os.kill(os.getpid(), SIGKILL)` would do nothing. One exec, the cheapest that
+# waits: it does not reap, so an orphan of the run that ends stays a zombie (counted in the
+# run's process limit) until the run ends and the namespace goes. (A shell that ignores SIGCHLD
+# first, so they are reaped at once, costs 0.7 ms of CPU more per run.)
+RUN_INIT = ["/bin/sleep", "2147483647"]
 #: exit code of a child whose set-up failed (its reason is in the result memfd, after "E")
 SETUP_FAILED = 255
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
