@@ -170,6 +170,26 @@ def isolated_template(run_as: str) -> None:
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
+def fork_in_new_pid_namespace(own_pid_ns: int) -> tuple[int, int]:
+    """Fork, as os.fork, but into a fresh PID namespace: its PID 1 a RUN_INIT, the child its PID
+    2. Returns (init's pid, child's pid), the child's 0 in the child. The caller's later
+    children are born in its own namespace (`own_pid_ns`, an fd of it) again."""
+    check_libc(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+
+    def back() -> None:
+        check_libc(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns(CLONE_NEWPID)")
+
+    try:
+        init = os.posix_spawn(RUN_INIT[0], RUN_INIT, {"PATH": "/usr/bin:/bin"})
+        pid = os.fork()
+    except BaseException:
+        back()
+        raise
+    if pid:  # never in the child: its own children must stay in its namespace
+        back()
+    return init, pid
+
+
 def isolate_run(workdir: str, cfg: Config, fresh_proc: bool = True) -> None:
     """In a child of an --isolate template, before any code of a run: a mount namespace with a
     /proc of the run's PID namespace (made by the template), fresh size-limited /tmp,
@@ -696,26 +716,14 @@ class Template:
             idle = Idle(0, chan)
             if self.cfg.isolate:
                 idle.workdir = os.path.join(self.cfg.runs_dir, f"tmp{_random_name()}")
-                # The next children are born in a fresh PID namespace: first its init, then
-                # the run's child as PID 2; then ours again, for the next one.
-                check_libc(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-                try:
-                    idle.init = os.posix_spawn(RUN_INIT[0], RUN_INIT, {"PATH": "/usr/bin:/bin"})
-                    idle.pid = os.fork()
-                    if idle.pid == 0:
-                        try:
-                            self._idle_child(theirs, idle.workdir)
-                        finally:
-                            os._exit(SETUP_FAILED)
-                finally:
-                    check_libc(_libc.setns(self.pid_ns, CLONE_NEWPID), "setns(CLONE_NEWPID)")
+                idle.init, idle.pid = fork_in_new_pid_namespace(self.pid_ns)
             else:
                 idle.pid = os.fork()
-                if idle.pid == 0:
-                    try:
-                        self._idle_child(theirs)
-                    finally:
-                        os._exit(SETUP_FAILED)
+            if idle.pid == 0:
+                try:
+                    self._idle_child(theirs, idle.workdir)
+                finally:
+                    os._exit(SETUP_FAILED)
             theirs.close()
             self.idle.append(idle)
 
@@ -961,30 +969,25 @@ def probe(run_as: str, cfg: Config) -> dict:
         os.mkdir(workdir, 0o700)
         facts_r, facts_w = os.pipe()
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        check_libc(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
-        try:
-            init = os.posix_spawn(RUN_INIT[0], RUN_INIT, {"PATH": "/usr/bin:/bin"})
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    isolate_run(workdir, cfg)
-                    with open("/proc/self/status") as f:
-                        status = dict(line.split(":", 1) for line in f)
-                    with open("/proc/net/dev") as f:
-                        interfaces = [line.split(":")[0].strip() for line in f if ":" in line]
-                    facts = {
-                        "runs": True,
-                        "run_uid": os.getuid(),
-                        "run_cap_eff": int(status["CapEff"], 16),
-                        "run_pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
-                        "run_interfaces": interfaces,
-                    }
-                except BaseException as exc:
-                    facts = {"error": f"a run could not be isolated: {exc}"}
-                os.write(facts_w, json.dumps(facts).encode())
-                os._exit(0)
-        finally:
-            check_libc(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns(CLONE_NEWPID)")
+        init, pid = fork_in_new_pid_namespace(own_pid_ns)
+        if pid == 0:
+            try:
+                isolate_run(workdir, cfg)
+                with open("/proc/self/status") as f:
+                    status = dict(line.split(":", 1) for line in f)
+                with open("/proc/net/dev") as f:
+                    interfaces = [line.split(":")[0].strip() for line in f if ":" in line]
+                facts = {
+                    "runs": True,
+                    "run_uid": os.getuid(),
+                    "run_cap_eff": int(status["CapEff"], 16),
+                    "run_pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                    "run_interfaces": interfaces,
+                }
+            except BaseException as exc:
+                facts = {"error": f"a run could not be isolated: {exc}"}
+            os.write(facts_w, json.dumps(facts).encode())
+            os._exit(0)
         os.close(facts_w)
         os.waitpid(pid, 0)
         os.kill(init, signal.SIGKILL)

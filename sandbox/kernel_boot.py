@@ -68,23 +68,19 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def map_own_ids(uid: int, gid: int) -> None:
-    """In a user namespace just entered: be `uid` and `gid` there too (the one mapping an
-    unprivileged process may write; `uid` and `gid` are what they were outside)."""
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"{uid} {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"{gid} {gid} 1")
-
-
 def own_user_namespace(flags: int = 0) -> None:
-    """Enter a new user namespace (with the other namespaces `flags` name), mapping our ids to
-    themselves. Every capability is ours in it, over nothing outside it."""
+    """Enter a new user namespace (with the other namespaces `flags` name), our uid and gid
+    mapped to themselves (the one mapping an unprivileged process may write). Every capability
+    is ours in it, over nothing outside it."""
     uid, gid = os.getuid(), os.getgid()  # inside, before the maps, we are nobody
     check_libc(_libc.unshare(CLONE_NEWUSER | flags), "unshare")
-    map_own_ids(uid, gid)
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{uid} {uid} 1"),
+        ("gid_map", f"{gid} {gid} 1"),
+    ):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
 
 
 def become(uid: int, gid: int) -> None:

@@ -275,42 +275,43 @@ class Bubblewrap:
             args += ["--unshare-user"]
         made: set[str] = {"/"}
 
-        def parents(path: str) -> None:
-            """bwrap would make missing parents with a mode another uid cannot traverse."""
-            for parent in reversed(Path(path).parents):
-                if str(parent) not in made:
-                    made.add(str(parent))
-                    args.extend(["--perms", "0755", "--dir", str(parent)])
+        def directory(path: str) -> None:
+            """`path` and its missing parents, 0755: bwrap would make parents with a mode
+            another uid cannot traverse."""
+            for each in [*reversed(Path(path).parents), Path(path)]:
+                if str(each) not in made:
+                    made.add(str(each))
+                    args.extend(["--perms", "0755", "--dir", str(each)])
 
-        args += ["--ro-bind", "/usr", "/usr"]
+        def mounted(flag: str, source: str, target: str, *options: str) -> None:
+            directory(str(Path(target).parent))
+            made.add(target)
+            args.extend([*options, flag, *([source] if source else []), target])
+
+        mounted("--ro-bind", "/usr", "/usr")
         for name in USR_LINKS:
             host = f"/{name}"
             if os.path.islink(host):
                 args += ["--symlink", os.readlink(host), host]
             elif os.path.isdir(host):
-                args += ["--ro-bind", host, host]
-        parents("/etc/x")
-        entries = [f"/etc/{e}" for e in ETC_ENTRIES] + sorted(glob.glob("/etc/python3*"))
-        for entry in entries:
+                mounted("--ro-bind", host, host)
+        directory("/etc")
+        for entry in [f"/etc/{e}" for e in ETC_ENTRIES] + sorted(glob.glob("/etc/python3*")):
             if os.path.exists(entry):
-                args += ["--ro-bind", entry, entry]
-        args += ["--proc", "/proc", "--dev", "/dev"]
-        args += ["--perms", "1777", "--size", str(self.tmp_bytes), "--tmpfs", "/tmp"]
-        args += ["--perms", "1777", "--size", str(self.shm_bytes), "--tmpfs", "/dev/shm"]
-        parents(SANDBOX_RUNTIME)
-        args += ["--perms", "1777", "--size", str(RUNTIME_BYTES), "--tmpfs", SANDBOX_RUNTIME]
+                mounted("--ro-bind", entry, entry)
+        mounted("--proc", "", "/proc")
+        mounted("--dev", "", "/dev")
+        for target, size in (("/tmp", self.tmp_bytes), ("/dev/shm", self.shm_bytes)):
+            mounted("--tmpfs", "", target, "--perms", "1777", "--size", str(size))
+        mounted("--tmpfs", "", SANDBOX_RUNTIME, "--perms", "1777", "--size", str(RUNTIME_BYTES))
         for path in python_paths:
-            parents(path)
-            made.add(path)
-            args += ["--ro-bind", path, path]
-        parents(f"{BOOT_DIR}/x")
+            mounted("--ro-bind", path, path)
         for name in BOOT_FILES:
-            args += ["--ro-bind", str(BOOT_SOURCES / name), f"{BOOT_DIR}/{name}"]
+            mounted("--ro-bind", str(BOOT_SOURCES / name), f"{BOOT_DIR}/{name}")
         for bind in binds:
-            parents(bind.target)
-            args += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.target]
+            mounted("--bind" if bind.writable else "--ro-bind", str(bind.source), bind.target)
         for target, fd in (data or {}).items():
-            args += ["--perms", "0444", "--ro-bind-data", str(fd), target]
+            mounted("--ro-bind-data", str(fd), target, "--perms", "0444")
         # The root is bwrap's own tmpfs, and writable by the sandbox's uid without root.
         args += ["--remount-ro", "/", "--chdir", cwd, "--", *argv]
         return args
