@@ -565,8 +565,9 @@ async def test_a_run_cannot_see_signal_or_reach_a_concurrent_run_or_the_template
     seen_v = json.loads(v["run_result"]["stdout"])
     seen = json.loads(att["run_result"]["stdout"])
     assert seen_v["secret"] == "s3cret"
-    # They did overlap: the attacker's whole window fell in the victim's life.
-    assert seen_v["started"] <= seen["started"] and seen["ended"] <= seen_v["ended"], (v, att)
+    # They did run at the same time, for most of the attacker's 3 s.
+    overlap = min(seen_v["ended"], seen["ended"]) - max(seen_v["started"], seen["started"])
+    assert overlap > 2, (v, att)
     assert seen["cap_eff"] == 0, seen
     assert seen["foreign pids"] == [], seen  # neither the victim, nor the template, nor its init
     assert seen["abstract socket"] != "allowed", seen
