@@ -7,13 +7,23 @@ IMAGE  ?= kernelbox-kernel:latest
 .PHONY: serve test lint image bench clean
 
 # The venv is rebuilt when pyproject.toml changes. uv makes the install fast; pip is the fallback.
+# Bytecode is compiled now: sandboxed kernels see the environment read-only, and without .pyc
+# files each one would compile the data stack again (seconds per start).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[server,dev]' || $(PY) -m pip install -q -e '.[server,dev]'
+	$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -e '.[server,dev]' || $(PY) -m pip install -q -e '.[server,dev]'
 	touch $@
 
+# The local backend sandboxes kernels with bubblewrap: installed here when missing and root,
+# else said (the service then starts without the sandbox, and says so too).
 serve: $(VENV)/.installed
+	@command -v bwrap >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; } || true; \
+		else \
+			echo "bubblewrap is not installed: kernels will NOT be sandboxed (sudo apt-get install bubblewrap)"; \
+		fi; }
 	$(VENV)/bin/kernelbox serve --backend local
 
 # Docker tests run when an engine is reachable (the kernel and service images are built first; a
@@ -39,6 +49,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.service
 	$(PY) -m bench.service --backend docker --sessions 32 --port 8742
 	$(PY) -m bench.runcode
+	$(PY) -m bench.isolation_local
 	$(PY) -m bench.fork_cost
 	$(PY) -m bench.sdk_concurrency
 

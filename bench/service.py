@@ -6,7 +6,8 @@
    raw-client ceiling on the same 64 kernels (phases alternate to share the machine's noise).
 
 The raw client finds a session's kernel through /proc: the kernel's working directory is the
-session's, and its command line names its connection file.
+session's, and its command line names its connection file (in a local sandbox: the session's
+directory is bound in its mount namespace, and the file is read through its /proc/PID/root).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.engine import make_backend
+from sandbox.backends.base import SANDBOX_RUNTIME, SANDBOX_WORKDIR, connection_info_at
 from sandbox.session import KernelSession
 
 
@@ -47,10 +49,17 @@ def connection_info_of(server_pid: int, session_id: str, backend: str) -> dict:
                 return {**info, "ip": f"{runtime}/k"}  # the host side of the socket paths
     for proc in psutil.Process(server_pid).children(recursive=True):
         try:
-            if session_id in proc.cwd():
+            if session_id in proc.cwd():  # a plain local kernel
                 cmd = proc.cmdline()
                 return json.loads(Path(cmd[cmd.index("-f") + 1]).read_text())
-        except (psutil.Error, ValueError):
+            # A sandboxed one: the session's directory is bound in its mount namespace, its
+            # runtime directory is reached through its /proc/PID/root.
+            mounts = [line.split() for line in Path(f"/proc/{proc.pid}/mountinfo").open()]
+            if any(m[4] == SANDBOX_WORKDIR and session_id in m[3] for m in mounts):
+                runtime = f"/proc/{proc.pid}/root{SANDBOX_RUNTIME}"
+                info = json.loads(Path(runtime, "connection.json").read_text())
+                return connection_info_at(info, runtime)
+        except (psutil.Error, OSError, ValueError):
             continue
     raise LookupError(f"no kernel found for session {session_id}")
 

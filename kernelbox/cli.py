@@ -29,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    serve(Settings(**overrides))
+    serve(Settings(**overrides), key_on_command_line=args.api_key is not None)
     return 0
 
 
@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--backend", choices=["local", "docker"], help="where kernels run")
-    serve.add_argument("--api-key", help="require this key (comma-separate several)")
+    serve.add_argument(
+        "--api-key",
+        help="require this key (comma-separate several). Every user of the machine can read "
+        "it in the process list: prefer KERNELBOX_API_KEY or KERNELBOX_API_KEY_FILE",
+    )
     serve.set_defaults(func=_serve)
 
     _exec.add_parser(commands)

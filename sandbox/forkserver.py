@@ -15,9 +15,10 @@ through pipes the service reads itself (head kept up to a cap, the rest counted 
 and fetched files come back in another memfd. See forkserver_boot.py for the protocol.
 
 Backends:
-  - local: the template is a child process of the service, in its own process group and
-    (where the OS allows) a private network namespace; runs are the service's own user.
-    Not a security boundary, as for local kernels.
+  - local: the template runs in a bwrap sandbox like a kernel's (see backends/bwrap.py), and
+    every run in user, mount, PID, IPC and network namespaces of its own (forkserver_boot
+    --isolate), so runs cannot see, signal or reach each other or the template. Without the
+    sandbox: a child process of the service, its runs the service's user (no boundary).
   - docker: the template runs in a kernel-image container with the kernel containers'
     hardening (no network, read-only root, no-new-privileges, limits), as root with only
     SETUID, SETGID, KILL and DAC_OVERRIDE; every run drops to its own uid and gid from a
@@ -46,8 +47,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .backends.base import KernelBackend, KernelProcess
-from .backends.local import LocalBackend, LocalKernel, kernel_env, rlimits_for, tree_pss
+from .backends.base import SANDBOX_RUNTIME, KernelBackend, KernelProcess
+from .backends.bwrap import BOOT_DIR
+from .backends.local import (
+    SANDBOX_SCRATCH,
+    LocalBackend,
+    LocalKernel,
+    kernel_env,
+    rlimits_for,
+    tree_pss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -433,20 +442,41 @@ async def launch_template(
 async def _launch_local(
     backend: LocalBackend, options: ForkServerOptions
 ) -> tuple[KernelProcess, Path]:
+    # Launched like a kernel: the backend's close() kills it and everything it forked.
     runtime_dir = Path(tempfile.mkdtemp(prefix="fs-", dir=backend.runtime_root))
-    runs = _scratch_dir() or runtime_dir / "runs"
+    slots = ["--slots", str(options.slots), "--prefork", str(options.prefork)]
     env = kernel_env(backend.config, runtime_dir, runtime_dir, {})
     for key in ("IPYTHONDIR", "PYTHONUNBUFFERED"):  # kernel settings, not a script's
         env.pop(key, None)
+    if backend.bwrap is not None:
+        # In a sandbox like a kernel's; its runs' directories on its private /tmp, each run in
+        # namespaces of its own where the machine allows. `runtime_dir` stays empty: a root
+        # service's template has a uid of its own while it exists.
+        scratch = {key: SANDBOX_SCRATCH[key] for key in ("TMPDIR", "MPLCONFIGDIR")}
+        env.update(scratch, HOME="/tmp", **_template_env(options, backend))
+        lim = backend.config.limits
+        argv = [backend.python, f"{BOOT_DIR}/forkserver_boot.py", *slots]
+        argv += ["--socket", f"{SANDBOX_RUNTIME}/{SOCKET_NAME}", "--runs", "/tmp"]
+        if backend.runs_isolated:
+            argv.append("--isolate")
+            if lim.pids is not None:
+                env["KERNELBOX_NPROC"] = str(lim.pids)
+        handle = await backend.launch(
+            argv, env, owner=runtime_dir, template=True, kind=_LocalTemplate
+        )
+        assert isinstance(handle, _LocalTemplate)
+        handle.scratch = runtime_dir
+        return handle, handle.runtime_dir / SOCKET_NAME
+    runs = _scratch_dir() or runtime_dir / "runs"
     env.setdefault("MPLCONFIGDIR", str(backend.runtime_root / "matplotlib"))
     env.update(_template_env(options, backend))
     if backend.private_network:
         env["KERNELBOX_UNSHARE_NET"] = "1"
     socket_path = runtime_dir / SOCKET_NAME
     argv = [backend.python, str(BOOT_SCRIPT), "--socket", str(socket_path), "--runs", str(runs)]
-    argv += ["--slots", str(options.slots), "--prefork", str(options.prefork)]
-    # Launched like a kernel: the backend's close() kills it and everything it forked.
-    handle = await backend.launch(argv, runtime_dir, runtime_dir, env, kind=_LocalTemplate)
+    handle = await backend.launch(
+        [*argv, *slots], env, runtime_dir=runtime_dir, kind=_LocalTemplate
+    )
     assert isinstance(handle, _LocalTemplate)
     handle.scratch = runs if runs.parent != runtime_dir else None
     return handle, socket_path

@@ -3,7 +3,8 @@
 Standalone on purpose, like kernel_boot.py next to it (stdlib + that file only): the Docker
 image copies both into /opt/kernelbox. Usage:
 
-    python forkserver_boot.py --socket PATH --runs DIR [--uid-base N --slots N] [--prefork N]
+    python forkserver_boot.py --socket PATH --runs DIR [--uid-base N | --isolate]
+                              [--slots N] [--prefork N]
 
 The template imports the data stack once (nothing that holds threads, sockets or event loops:
 the loop below is `selectors`, never asyncio, whose running-loop state a child would inherit),
@@ -29,13 +30,26 @@ the template is root in its container with only the capabilities it needs) every
 run also gets its own uid and gid from a range, so runs cannot signal, trace or read each
 other; the template sweeps what a run left in the shared temporary directories.
 
+With `--isolate` (the local backend's bwrap sandbox, where every run has the template's uid)
+every run gets namespaces of its own instead: user, mount, PID, IPC and network. The template
+first enters a user namespace of its own, keeping its capabilities there, and becomes PID 1 of
+a PID namespace of its own (see `isolated_template`). For each child it forks ahead of demand
+it makes a fresh PID namespace whose PID 1 is a tiny init (`RUN_INIT`), forks the child into it
+as PID 2, and returns to its own. The child mounts a /proc of that namespace, fresh /tmp and
+/dev/shm in which only its own working directory is bound back, hides the template's runtime
+directory, enters new user, IPC and network namespaces and drops every capability (see
+`isolate_run`). So a run cannot see, signal or reach another run or the template, and when it
+ends, killing its init takes every process it left with it.
+
 At the deadline the child's process group is killed; when a run ends, whatever it left behind
 is killed too: the template is a child subreaper, so orphans of a run become its children and
-are found by uid (Docker) or session (local).
+are found by uid (Docker) or session (local, without --isolate).
 
 Configuration from the environment (removed once read):
+    KERNELBOX_RUN_AS        "uid:gid" (--isolate, root service): become them first thing
+    KERNELBOX_MPL_CACHE     a prebuilt matplotlib cache, copied into MPLCONFIGDIR
     KERNELBOX_RLIMITS       JSON rlimits for every child (see kernel_boot.apply_rlimits)
-    KERNELBOX_NPROC         per-run process limit (only with per-run uids)
+    KERNELBOX_NPROC         per-run process limit (with per-run uids or --isolate)
     KERNELBOX_NICE          niceness added to every child (not the template: every run waits
                             for its fork, so it must not queue behind the runs' code)
     KERNELBOX_UNSHARE_NET   "1": the template (and so every child) leaves the host network
@@ -66,13 +80,36 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from kernel_boot import apply_rlimits, unshare_network
+from kernel_boot import (
+    apply_rlimits,
+    become,
+    check_libc,
+    drop_capabilities,
+    own_user_namespace,
+    seed_matplotlib_cache,
+    unshare_network,
+)
 
 PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MNT_DETACH = 2
 HEADER_MAX = 64 * 1024
 N_FDS = 5  # request, stdin, stdout, stderr, result
+# bwrap covers parts of its /proc read-only; while those covers are there, no process in a user
+# namespace of ours may mount a /proc of its own (the mount would reveal what they hide).
+PROC_COVERS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
+# PID 1 of a run's PID namespace. It must not be the run: a PID 1 ignores the signals it has no
+# handler for, so `os.kill(os.getpid(), SIGKILL)` would do nothing. One exec, the cheapest that
+# waits: it does not reap, so an orphan of the run that ends stays a zombie (counted in the
+# run's process limit) until the run ends and the namespace goes. (A shell that ignores SIGCHLD
+# first, so they are reaped at once, costs 0.7 ms of CPU more per run.)
+RUN_INIT = ["/bin/sleep", "2147483647"]
 #: exit code of a child whose set-up failed (its reason is in the result memfd, after "E")
 SETUP_FAILED = 255
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
@@ -90,6 +127,92 @@ def _log(message: str) -> None:
 def _prctl(option: int, value: int) -> None:
     if _libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    encode = lambda v: v.encode() if v else None  # noqa: E731
+    check_libc(
+        _libc.mount(encode(source), target.encode(), encode(fstype), flags, encode(data)),
+        f"mount {target}",
+    )
+
+
+def _exit_as(status: int) -> None:
+    """End this process as the one whose wait status this is ended."""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def isolated_template(run_as: str) -> None:
+    """With --isolate, first thing: make this process able to give each run namespaces of its
+    own. A root service's template (bwrap as root, with CAP_SETUID, CAP_SETGID and
+    CAP_SYS_ADMIN) removes bwrap's covers over /proc (see PROC_COVERS), then becomes `run_as`,
+    losing all three. Then a user namespace of our own (every capability in it, over nothing
+    outside) with a mount and a PID namespace: returns in the template proper, forked as PID
+    1 of that namespace with a /proc of it; the calling process waits and ends as it ends."""
+    if run_as:
+        for path in PROC_COVERS:
+            _libc.umount2(path.encode(), MNT_DETACH)  # not all of them exist everywhere
+        become(*(int(part) for part in run_as.split(":")))
+    own_user_namespace(CLONE_NEWNS | CLONE_NEWPID)
+    pid = os.fork()
+    if pid:
+        _exit_as(os.waitpid(pid, 0)[1])
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def fork_in_new_pid_namespace(own_pid_ns: int) -> tuple[int, int]:
+    """Fork, as os.fork, but into a fresh PID namespace: its PID 1 a RUN_INIT, the child its PID
+    2. Returns (init's pid, child's pid), the child's 0 in the child. The caller's later
+    children are born in its own namespace (`own_pid_ns`, an fd of it) again."""
+    check_libc(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+
+    def back() -> None:
+        check_libc(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns(CLONE_NEWPID)")
+
+    try:
+        init = os.posix_spawn(RUN_INIT[0], RUN_INIT, {"PATH": "/usr/bin:/bin"})
+        pid = os.fork()
+    except BaseException:
+        back()
+        raise
+    if pid:  # never in the child: its own children must stay in its namespace
+        back()
+    return init, pid
+
+
+def isolate_run(workdir: str, cfg: Config, fresh_proc: bool = True) -> None:
+    """In a child of an --isolate template, before any code of a run: a mount namespace with a
+    /proc of the run's PID namespace (made by the template), fresh size-limited /tmp,
+    /dev/shm and runs directory in which only `workdir` is bound back (it stays in the
+    template's runs directory, for the fetch helper and the removal), the template's runtime
+    directory hidden; then new user, IPC and network namespaces (no interface is up) and no
+    capability at all. The fetch helper does the same without the /proc."""
+    check_libc(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # Opened in the new mount namespace (a bind's source must be one of its mounts), before
+    # the fresh runs directory hides it.
+    keep = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if fresh_proc:
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    scratch = f"mode=1777,size={cfg.tmp_bytes}"
+    for path in dict.fromkeys(("/tmp", "/dev/shm", cfg.runs_dir)):
+        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, scratch)
+    _mount("tmpfs", cfg.hide_dir, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0555")
+    os.makedirs(workdir, 0o700)
+    _mount(f"/proc/self/fd/{keep}", workdir, None, MS_BIND)
+    os.close(keep)
+    own_user_namespace(CLONE_NEWIPC | CLONE_NEWNET)
+    drop_capabilities()
 
 
 MADV_HUGEPAGE = 14
@@ -171,6 +294,22 @@ class Config:
     prefork: int
     sweep_dirs: list[str]
     fetch_cap: int
+    #: namespaces per run (see isolate_run); then the template's runtime directory, hidden from
+    #: runs, and the size of each run's fresh /tmp and /dev/shm
+    isolate: bool = False
+    hide_dir: str = ""
+    tmp_bytes: int = 64 * 1024**2
+
+
+@dataclass
+class Idle:
+    """A child forked ahead of demand, waiting on `chan` for a run."""
+
+    pid: int
+    chan: socket.socket
+    #: --isolate: its working directory (made before it isolated itself) and its PID 1
+    workdir: str | None = None
+    init: int | None = None
 
 
 @dataclass
@@ -183,7 +322,8 @@ class Run:
     deadline: float
     req_fd: int
     result_fd: int
-    fetch: bool
+    fetch: bool = False
+    init: int | None = None  # PID 1 of the run's PID namespace (--isolate)
     timed_out: bool = False
     status: int | None = None  # raw wait status of the child
     elapsed: float = 0.0
@@ -214,12 +354,7 @@ def _become(uid: int | None) -> None:
     """Session of its own; with a uid, drop every privilege for good (no capabilities left)."""
     os.setsid()
     if uid is not None:
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-        # A uid change makes the process non-dumpable: /proc/self would belong to root and
-        # the code could not even list its own fds. Other uids still cannot trace it.
-        _prctl(PR_SET_DUMPABLE, 1)
+        become(uid, uid)
     # Set after the uid change (which clears it): the run dies with the template.
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -249,7 +384,8 @@ def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], m
         os.dup2(err_fd, 2)
         _close_fds_except(result_fd)
         os.umask(0o077)
-        os.mkdir(workdir, 0o700)
+        if not cfg.isolate:  # isolated, the child made it before isolating itself
+            os.mkdir(workdir, 0o700)
         os.chdir(workdir)
         for rel, content in request.get("files", {}).items():
             rel = safe_relative(rel)
@@ -269,7 +405,7 @@ def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], m
         rlimits = dict(cfg.rlimits)
         if memory:
             rlimits["AS"] = min(memory, rlimits.get("AS", memory))
-        if cfg.nproc and run_uid is not None:
+        if cfg.nproc and (run_uid is not None or cfg.isolate):  # counted per uid or userns
             rlimits["NPROC"] = cfg.nproc
         apply_rlimits(rlimits)
         if cfg.nice:
@@ -382,6 +518,8 @@ def helper_main(run: Run, cfg: Config) -> None:
     """Forked after a run: read its fetch_files, as its own uid, into the result memfd."""
     try:
         _become(run.uid)
+        if cfg.isolate:  # what the run saw, no more: its links lead nowhere else
+            isolate_run(run.workdir, cfg, fresh_proc=False)
         request = json.loads(_read_all(run.req_fd))
         _close_fds_except(run.result_fd)
         os.chdir(run.workdir)
@@ -418,10 +556,14 @@ class Template:
         self.sel = selectors.DefaultSelector()
         self.runs: dict[int, Run] = {}  # by child pid
         self.helpers: dict[int, Run] = {}  # by helper pid
-        self.idle: list[tuple[int, socket.socket]] = []  # pre-forked children, waiting
+        self.idle: list[Idle] = []  # pre-forked children, waiting
         self.free_uids = list(range(cfg.uid_base, cfg.uid_base + cfg.slots)) if cfg.uid_base else []
         self.stopping = False
         self.me = os.getpid()
+        # --isolate: where to come back to after making a PID namespace for a child; and fds
+        # received close on exec, so no run's init (an exec) holds another run's pipes open
+        self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC) if cfg.isolate else 0
+        self.recv_flags = socket.MSG_CMSG_CLOEXEC if cfg.isolate else 0
         self.wake_r, wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(wake_w, False)
@@ -480,7 +622,9 @@ class Template:
     def _receive(self, pending: Pending) -> None:
         conn = pending.conn
         try:
-            data, ancdata, _flags, _addr = conn.recvmsg(HEADER_MAX, socket.CMSG_SPACE(N_FDS * 4))
+            data, ancdata, _flags, _addr = conn.recvmsg(
+                HEADER_MAX, socket.CMSG_SPACE(N_FDS * 4), self.recv_flags
+            )
         except BlockingIOError:
             return
         except OSError:
@@ -534,28 +678,28 @@ class Template:
             conn.close()
             return
         uid = self.free_uids.pop() if self.cfg.uid_base else None
-        workdir = os.path.join(self.cfg.runs_dir, f"tmp{_random_name()}")
         timeout = float(header.get("timeout") or 10.0)
         memory = int(header["memory"]) if header.get("memory") else None
-        work = json.dumps({"uid": uid, "workdir": workdir, "memory": memory}).encode()
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{N_FDS}i", *fds))]
         while True:
             if not self.idle:
                 self._spawn_idle(1)
-            pid, chan = self.idle.pop()
+            idle = self.idle.pop()
+            workdir = idle.workdir or os.path.join(self.cfg.runs_dir, f"tmp{_random_name()}")
+            work = json.dumps({"uid": uid, "workdir": workdir, "memory": memory}).encode()
             try:
-                chan.sendmsg([work], rights)
+                idle.chan.sendmsg([work], rights)
                 break
             except OSError:
-                continue  # that child is gone; take another
+                self._discard_idle(idle)  # that child is gone; take another
             finally:
-                chan.close()
+                idle.chan.close()
         started = time.monotonic()
         for fd in (stdin_fd, out_fd, err_fd):
             os.close(fd)  # the child's now: EOF reaches the service when the run ends
-        fetch = bool(header.get("fetch"))
-        run = Run(conn, pid, uid, workdir, started, started + timeout, req_fd, result_fd, fetch)
-        self.runs[pid] = run
+        run = Run(conn, idle.pid, uid, workdir, started, started + timeout, req_fd, result_fd)
+        run.fetch, run.init = bool(header.get("fetch")), idle.init
+        self.runs[run.pid] = run
         # Readable from now on means the service hung up: the run is cancelled.
         self.sel.register(conn, selectors.EVENT_READ, run)
 
@@ -569,22 +713,40 @@ class Template:
         sys.stderr.flush()
         for _ in range(n):
             chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            pid = os.fork()
-            if pid == 0:
+            idle = Idle(0, chan)
+            if self.cfg.isolate:
+                idle.workdir = os.path.join(self.cfg.runs_dir, f"tmp{_random_name()}")
+                idle.init, idle.pid = fork_in_new_pid_namespace(self.pid_ns)
+            else:
+                idle.pid = os.fork()
+            if idle.pid == 0:
                 try:
-                    self._idle_child(theirs)
+                    self._idle_child(theirs, idle.workdir)
                 finally:
                     os._exit(SETUP_FAILED)
             theirs.close()
-            self.idle.append((pid, chan))
+            self.idle.append(idle)
 
-    def _idle_child(self, chan: socket.socket) -> None:
-        """In a pre-forked child: wait for a run, then become it."""
+    @staticmethod
+    def _discard_idle(idle: Idle) -> None:
+        # Its init lives until we kill it (nothing else can), so its pid is still its own;
+        # killing it takes the child with it.
+        if idle.init is not None:
+            os.kill(idle.init, signal.SIGKILL)
+        if idle.workdir is not None:
+            shutil.rmtree(idle.workdir, ignore_errors=True)
+
+    def _idle_child(self, chan: socket.socket, workdir: str | None = None) -> None:
+        """In a pre-forked child: wait for a run, then become it. With --isolate, first make
+        its working directory and isolate it (paid ahead of demand, as the fork)."""
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self.me:
+        if os.getppid() != (0 if workdir else self.me):  # 0: our parent is outside our PID ns
             os._exit(0)
         _reset_signals()
         _close_fds_except(chan.fileno())  # nothing of other runs, the listener, the selector
+        if workdir is not None:
+            os.mkdir(workdir, 0o700)
+            isolate_run(workdir, self.cfg)
         data, ancdata, _flags, _addr = chan.recvmsg(4096, socket.CMSG_SPACE(N_FDS * 4))
         fds = _received_fds(ancdata)
         if not data or len(fds) != N_FDS:
@@ -645,7 +807,10 @@ class Template:
 
     def _run_ended(self, run: Run) -> None:
         self._kill_group(run.pid)
-        self._sweep_processes(run)
+        if run.init is not None:  # and with its PID 1, whatever the run left in its namespace
+            os.kill(run.init, signal.SIGKILL)
+        else:
+            self._sweep_processes(run)
         setup_failed = os.waitstatus_to_exitcode(run.status or 0) == SETUP_FAILED
         if run.fetch and not setup_failed and run.conn is not None:
             pid = os.fork()
@@ -721,7 +886,7 @@ class Template:
         killing one orphans its own children to us, so repeat until none is left."""
         for _ in range(100):
             live = {r.pid for r in self.runs.values() if r.status is None}
-            live |= set(self.helpers) | {pid for pid, _ in self.idle}
+            live |= set(self.helpers) | {idle.pid for idle in self.idle}
             victims = [p for p in self._children() if p not in live and self._left_by(p, run, live)]
             if not victims:
                 return
@@ -760,8 +925,8 @@ class Template:
                     continue
 
     def _shutdown(self) -> None:
-        for _pid, chan in self.idle:
-            chan.close()  # an idle child reads EOF and exits
+        for idle in self.idle:
+            idle.chan.close()  # an idle child reads EOF and exits
         for run in list(self.runs.values()):
             self._kill_group(run.pid)
         for pid in list(self.helpers):
@@ -792,16 +957,81 @@ def preload(modules: list[str]) -> None:
             pass
 
 
+def probe(run_as: str, cfg: Config) -> dict:
+    """--probe: how far the machine lets isolation go (the local backend asks once at start-up,
+    in a sandbox like a template's): the template's own namespaces, then one child isolated
+    as a run would be, reporting what it sees."""
+    report: dict = {"template": False, "runs": False}
+    try:
+        isolated_template(run_as)
+        report["template"] = True
+        workdir = os.path.join(cfg.runs_dir, "probe")
+        os.mkdir(workdir, 0o700)
+        facts_r, facts_w = os.pipe()
+        own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        init, pid = fork_in_new_pid_namespace(own_pid_ns)
+        if pid == 0:
+            try:
+                isolate_run(workdir, cfg)
+                with open("/proc/self/status") as f:
+                    status = dict(line.split(":", 1) for line in f)
+                with open("/proc/net/dev") as f:
+                    interfaces = [line.split(":")[0].strip() for line in f if ":" in line]
+                facts = {
+                    "runs": True,
+                    "run_uid": os.getuid(),
+                    "run_cap_eff": int(status["CapEff"], 16),
+                    "run_pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                    "run_interfaces": interfaces,
+                }
+            except BaseException as exc:
+                facts = {"error": f"a run could not be isolated: {exc}"}
+            os.write(facts_w, json.dumps(facts).encode())
+            os._exit(0)
+        os.close(facts_w)
+        os.waitpid(pid, 0)
+        os.kill(init, signal.SIGKILL)
+        report.update(json.loads(_read_pipe(facts_r) or b"{}"))
+    except OSError as exc:
+        report["error"] = str(exc)
+    return report
+
+
+def _read_pipe(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--socket", required=True)
     parser.add_argument("--runs", required=True)
     parser.add_argument("--uid-base", type=int, default=0)
+    parser.add_argument("--isolate", action="store_true", help="namespaces per run")
+    parser.add_argument("--tmp-bytes", type=int, default=64 * 1024**2, help="of each run's /tmp")
+    parser.add_argument("--probe", action="store_true", help="report what isolation works")
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--prefork", type=int, default=8)
     args = parser.parse_args(argv)
 
     pop = os.environ.pop
+    run_as = pop("KERNELBOX_RUN_AS", "")
+    if args.probe:
+        cfg = Config(args.runs, None, 1, {}, None, 0, 0, [], 0, True, os.path.dirname(args.socket))
+        print(json.dumps(probe(run_as, cfg)), flush=True)
+        return
+    if args.isolate:
+        isolated_template(run_as)  # from here on, in the template proper
+    elif run_as:  # a root service's sandbox where runs cannot have namespaces of their own
+        from kernel_boot import enter_sandbox
+
+        enter_sandbox(run_as)
+    mpl_cache = pop("KERNELBOX_MPL_CACHE", "")
+    if mpl_cache:
+        seed_matplotlib_cache(mpl_cache)
     rlimits = json.loads(pop("KERNELBOX_RLIMITS", "") or "{}")
     nproc = int(pop("KERNELBOX_NPROC", "") or 0) or None
     nice = int(pop("KERNELBOX_NICE", "") or 0)
@@ -856,6 +1086,9 @@ def main(argv: list[str]) -> None:
         prefork=args.prefork,
         sweep_dirs=sweep,
         fetch_cap=fetch_cap,
+        isolate=args.isolate,
+        hide_dir=os.path.dirname(args.socket),
+        tmp_bytes=args.tmp_bytes,
     )
     _log(f"ready: {len(modules)} modules preloaded, serving {args.socket}")
     Template(cfg, listener).serve()

@@ -6,7 +6,10 @@ must not import the rest of the engine. Usage:
     python kernel_boot.py -f /path/to/connection.json
 
 Configuration comes from environment variables, removed from the environment once read:
-    KERNELBOX_RLIMITS       JSON {"AS": bytes, "FSIZE": bytes, "NOFILE": n, "CORE": 0}
+    KERNELBOX_RUN_AS        "uid:gid" (local sandbox of a root service): become them first
+                            thing, then enter a user namespace of one's own, with no capability
+    KERNELBOX_MPL_CACHE     a prebuilt matplotlib cache, copied into MPLCONFIGDIR (writable)
+    KERNELBOX_RLIMITS       JSON {"AS": bytes, "FSIZE": bytes, "NOFILE": n, "CORE": 0, ...}
     KERNELBOX_UNSHARE_NET   "1": move into a private network namespace (no interfaces)
     KERNELBOX_OUTPUT_CAP    characters per stream per execution sent before only the tail is kept
     KERNELBOX_IMAGE_CAP     bytes (decoded) of one image in a display; larger ones are replaced
@@ -20,15 +23,27 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import sys
 import threading
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _log(message: str) -> None:
     print(f"kernelbox-boot: {message}", file=sys.stderr, flush=True)
+
+
+def check_libc(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
 def _pop_env(name: str, default: str = "") -> str:
@@ -48,10 +63,80 @@ def apply_rlimits(spec: dict[str, int]) -> None:
 def die_with_parent(parent_pid: int) -> None:
     """A service killed with SIGKILL cannot stop its kernels; the kernel stops itself."""
     PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, 9)  # SIGKILL when the parent goes
+    _libc.prctl(PR_SET_PDEATHSIG, 9)  # SIGKILL when the parent goes
     if os.getppid() != parent_pid:  # it went before we asked
         os._exit(1)
+
+
+def own_user_namespace(flags: int = 0) -> None:
+    """Enter a new user namespace (with the other namespaces `flags` name), our uid and gid
+    mapped to themselves (the one mapping an unprivileged process may write). Every capability
+    is ours in it, over nothing outside it."""
+    uid, gid = os.getuid(), os.getgid()  # inside, before the maps, we are nobody
+    check_libc(_libc.unshare(CLONE_NEWUSER | flags), "unshare")
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{uid} {uid} 1"),
+        ("gid_map", f"{gid} {gid} 1"),
+    ):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def become(uid: int, gid: int) -> None:
+    """Root becomes `uid` and `gid` for good, without supplementary groups; its capabilities
+    go with root (the bounding set stays, useless: no_new_privs, set by bwrap, forbids a
+    set-uid or file-capability exec to regain one)."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    # A uid change makes a process non-dumpable: its /proc/self files would belong to root, so
+    # it could not write its own uid_map nor list its fds. Other uids still cannot trace it.
+    check_libc(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+
+
+def drop_capabilities() -> None:
+    """No capability left, for good: the bounding set emptied, then every set cleared."""
+    cap = 0
+    while _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1
+    if ctypes.get_errno() != 22:  # EINVAL: past the last capability, all dropped
+        check_libc(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    check_libc(_libc.capset(ctypes.byref(header), (_CapData * 2)()), "capset")
+
+
+def enter_sandbox(run_as: str) -> None:
+    """Local sandbox of a root service (bwrap as root, left with CAP_SETUID and CAP_SETGID):
+    become the session's uid and gid, then a user namespace of our own, with no capability
+    (CapEff and the bounding set empty) and process limits counted in it alone."""
+    uid, gid = (int(part) for part in run_as.split(":"))
+    become(uid, gid)
+    try:
+        own_user_namespace()
+    except OSError as exc:  # no unprivileged user namespaces: CapEff is 0 all the same
+        _log(f"no user namespace of our own ({exc}); going on without")
+        return
+    drop_capabilities()
+
+
+def seed_matplotlib_cache(prebuilt: str) -> None:
+    """matplotlib uses only a writable MPLCONFIGDIR: a private copy of the font cache built
+    once, so no kernel spends a second scanning fonts and none can change another's."""
+    target = os.environ.get("MPLCONFIGDIR")
+    if target:
+        try:
+            shutil.copytree(prebuilt, target, dirs_exist_ok=True)
+        except OSError as exc:
+            _log(f"matplotlib cache not copied ({exc}); it will be built")
 
 
 def unshare_network() -> bool:
@@ -60,23 +145,17 @@ def unshare_network() -> bool:
     Root can unshare directly; other users first need a user namespace that maps them to
     themselves. Returns False (and says why) where the OS does not allow either.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNET) == 0:
+    if _libc.unshare(CLONE_NEWNET) == 0:
         return True
-    uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
-        try:
-            with open("/proc/self/setgroups", "w") as f:
-                f.write("deny")
-            with open("/proc/self/uid_map", "w") as f:
-                f.write(f"{uid} {uid} 1")
-            with open("/proc/self/gid_map", "w") as f:
-                f.write(f"{gid} {gid} 1")
-        except OSError as exc:
-            _log(f"user namespace made but id maps not written: {exc}")
-        return True
-    _log(f"network namespace not available (errno {ctypes.get_errno()}); network stays reachable")
-    return False
+    host_network = os.readlink("/proc/self/ns/net")
+    try:
+        own_user_namespace(CLONE_NEWNET)
+    except OSError as exc:
+        if os.readlink("/proc/self/ns/net") == host_network:
+            _log(f"network namespace not available ({exc}); network stays reachable")
+            return False
+        _log(f"user namespace made but id maps not written: {exc}")
+    return True
 
 
 class StreamBudget:
@@ -266,6 +345,12 @@ def _use_cjk_fallback_fonts() -> None:
 
 
 def main(argv: list[str]) -> None:
+    run_as = _pop_env("KERNELBOX_RUN_AS")
+    if run_as:
+        enter_sandbox(run_as)
+    mpl_cache = _pop_env("KERNELBOX_MPL_CACHE")
+    if mpl_cache:
+        seed_matplotlib_cache(mpl_cache)
     rlimits = json.loads(_pop_env("KERNELBOX_RLIMITS") or "{}")
     want_netns = _pop_env("KERNELBOX_UNSHARE_NET") == "1"
     output_cap = int(_pop_env("KERNELBOX_OUTPUT_CAP") or 200_000)

@@ -282,7 +282,7 @@ class SessionManager:
 
     def _session(self, warm: WarmKernel, env: dict[str, str] | None) -> KernelSession:
         files = self.pool.workdirs.files(warm.workdir, warm.id, self.options.files)
-        files.owner = self.pool.backend.file_owner
+        files.owner = warm.kernel.proc.file_owner
         return KernelSession(
             self.pool.backend,
             warm.kernel,

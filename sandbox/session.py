@@ -117,7 +117,7 @@ class KernelSession:
         workdir.mkdir(parents=True, exist_ok=True)
         kernel = await Kernel.start(backend, workdir, env)
         files = session_files.SessionFiles(workdir, session_files.default_io(), uuid.uuid4().hex)
-        files.owner = backend.file_owner
+        files.owner = kernel.proc.file_owner
         return cls(backend, kernel, files, options=options, env=env)
 
     @property
@@ -412,7 +412,7 @@ class KernelSession:
             # engine is slow to remove after a fork bomb, say); the backend still owns it.
             log.exception("session %s: stopping the old kernel failed", self.id)
         self.kernel = await Kernel.start(self.backend, self.workdir, self.env)
-        self.files.owner = self.backend.file_owner
+        self.files.owner = self.kernel.proc.file_owner
         self.execution_count = 0
 
     async def close(self) -> None:

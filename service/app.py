@@ -61,7 +61,23 @@ def build_backend(settings: Settings) -> KernelBackend:
         )
     from sandbox.backends.local import LocalBackend
 
-    return LocalBackend(config, python=settings.kernel_python or sys.executable)
+    return LocalBackend(
+        config, python=settings.kernel_python or sys.executable, sandbox=settings.local_sandbox
+    )
+
+
+def check_isolation(settings: Settings, backend: KernelBackend) -> None:
+    """Several keys on a backend that cannot keep kernels apart would let one key's code reach
+    another's sessions: refuse, unless told to accept it."""
+    report = backend.isolation  # what is missing, the backend has said already
+    log.info("isolation: %s", report)
+    if report.get("weak") and len(settings.api_key) > 1 and not settings.allow_weak_isolation:
+        missing = "; ".join(report.get("missing", [])) or "see /readyz"
+        raise RuntimeError(
+            f"{len(settings.api_key)} API keys, but the {backend.name} backend cannot isolate "
+            f"their kernels from each other ({missing}). Fix that, or set "
+            "KERNELBOX_ALLOW_WEAK_ISOLATION=1 to accept it."
+        )
 
 
 def manager_options(settings: Settings, run_slots: int) -> ManagerOptions:
@@ -100,6 +116,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await workdirs.remove_stale()
             backend = build_backend(settings)
         except BaseException:
+            await workdirs.close()
+            io.close()
+            raise
+        try:
+            check_isolation(settings, backend)
+        except BaseException:
+            await backend.close()
             await workdirs.close()
             io.close()
             raise

@@ -32,11 +32,16 @@ class QuietProbes(logging.Filter):
         return not (len(args) == 5 and args[2] in ("/healthz", "/readyz") and args[4] == 200)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, key_on_command_line: bool = False) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("uvicorn.access").addFilter(QuietProbes())
+    if key_on_command_line:
+        log.warning(
+            "--api-key puts the key in the process list, where every user of this machine "
+            "can read it; set KERNELBOX_API_KEY or KERNELBOX_API_KEY_FILE instead"
+        )
     if not settings.api_key:
         if is_loopback(settings.host):
             log.warning("no API key configured: listening on %s (loopback) only", settings.host)

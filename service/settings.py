@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     backend: Literal["local", "docker"] = "local"
     # One key or several, comma-separated. Each key owns the sessions it creates.
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A file of keys (comma- or line-separated), added to api_key: keeps them off every
+    # command line and out of the environment
+    api_key_file: Path | None = None
     # Where session working directories live (the service's own view of the path).
     data_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "kernelbox")
     # Base of the URLs given for images; default: the URL the request came in on.
@@ -69,6 +72,11 @@ class Settings(BaseSettings):
 
     # local backend: the interpreter that runs kernels (default: the service's own)
     kernel_python: str | None = None
+    # local backend: each kernel in a bubblewrap sandbox. auto: where bwrap works, else plain
+    # processes with loud warnings; bwrap: refuse to start without it; none: plain processes
+    local_sandbox: Literal["auto", "bwrap", "none"] = "auto"
+    # start with several API keys even where the backend cannot keep their kernels apart
+    allow_weak_isolation: bool = False
 
     # docker backend
     image: str = "kernelbox-kernel:latest"
@@ -77,7 +85,7 @@ class Settings(BaseSettings):
     # sandbox/backends/hostpath.py)
     host_data_dir: Path | None = None
 
-    @field_validator("host_data_dir", mode="before")
+    @field_validator("host_data_dir", "api_key_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # docker-compose.yml passes unset variables as empty strings
@@ -93,3 +101,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _keys_from_file(self) -> Settings:
+        if self.api_key_file is not None:
+            try:
+                text = self.api_key_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"api_key_file {self.api_key_file}: {exc.strerror}") from exc
+            keys = self._split_keys(text.replace("\n", ","))
+            self.api_key = list(dict.fromkeys([*self.api_key, *keys]))
+        return self

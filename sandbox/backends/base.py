@@ -18,6 +18,12 @@ from pathlib import Path
 # Socket names are "<runtime_dir>/k-<port>" for ipc transport.
 _PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
 
+# Inside every sandbox (a Docker container, a local bwrap sandbox), the same layout: the session
+# working directory (also cwd and HOME), and the runtime directory with the kernel's sockets
+# and its connection file.
+SANDBOX_WORKDIR = "/home/sandbox/work"
+SANDBOX_RUNTIME = "/run/kernelbox"
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -70,6 +76,9 @@ class KernelProcess(abc.ABC):
     runtime_dir: Path
     #: what jupyter_client needs to connect (transport "ipc", host-side socket paths)
     connection_info: dict
+    #: (uid, gid) that files the service writes into the working directory must belong to, so
+    #: the kernel can change them; None when the kernel runs as the service's own user
+    file_owner: tuple[int, int] | None = None
 
     @abc.abstractmethod
     async def poll(self) -> ExitInfo | None:
@@ -100,8 +109,7 @@ class KernelBackend(abc.ABC):
     """Starts kernels. One instance per service; it owns every kernel it started."""
 
     name: str = "abstract"
-    #: (uid, gid) that files the service writes into a working directory must belong to, so
-    #: the kernel can change them; None when the kernel runs as the service's own user.
+    #: the `file_owner` of this backend's kernels, where all have the same
     file_owner: tuple[int, int] | None = None
 
     def __init__(self, config: KernelConfig | None = None) -> None:
@@ -117,6 +125,12 @@ class KernelBackend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Remove everything this backend started that is still around."""
 
+    @property
+    def isolation(self) -> dict:
+        """What separates this backend's kernels from the service and from each other, as
+        `/readyz` reports it; `weak` is true where a piece is missing."""
+        return {"backend": self.name, "weak": False}
+
 
 def new_connection_info(runtime_dir: Path) -> dict:
     """Connection info for an IPC kernel whose sockets live in `runtime_dir`."""
@@ -128,6 +142,12 @@ def new_connection_info(runtime_dir: Path) -> dict:
         "signature_scheme": "hmac-sha256",
         "kernel_name": "",
     }
+
+
+def connection_info_at(info: dict, runtime_dir: str | Path) -> dict:
+    """The same connection info, with its sockets in `runtime_dir`: how the other side of a
+    sandbox (the kernel inside it, or the service outside) names the same directory."""
+    return {**info, "ip": str(Path(runtime_dir) / "k")}
 
 
 def write_connection_file(path: Path, info: dict) -> None:

@@ -47,10 +47,13 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig, Mount, Ulimit
 
 from .base import (
+    SANDBOX_RUNTIME,
+    SANDBOX_WORKDIR,
     ExitInfo,
     KernelBackend,
     KernelConfig,
     KernelProcess,
+    connection_info_at,
     new_connection_info,
     write_connection_file,
 )
@@ -62,8 +65,8 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "kernelbox-kernel:latest"
 
 # Paths inside the container (see Dockerfile.kernel).
-CONTAINER_WORKDIR = "/home/sandbox/work"
-CONTAINER_RUNTIME = "/run/kernelbox"
+CONTAINER_WORKDIR = SANDBOX_WORKDIR
+CONTAINER_RUNTIME = SANDBOX_RUNTIME
 CONTAINER_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 #: the image's non-root user
 SANDBOX_UID_GID = (1000, 1000)
@@ -176,6 +179,7 @@ class DockerKernel(KernelProcess):
         self.workdir = workdir
         self.runtime_dir = runtime_dir
         self.connection_info = info
+        self.file_owner = backend.file_owner
         self._loop = loop
         self._death: asyncio.Future[ExitInfo] = loop.create_future()
         self._last_log = ""
@@ -406,7 +410,7 @@ class DockerBackend(KernelBackend):
         runtime_dir = Path(tempfile.mkdtemp(prefix="k-", dir=self.runtime_root))
         try:
             info = new_connection_info(runtime_dir)
-            inside = {**info, "ip": f"{CONTAINER_RUNTIME}/k"}
+            inside = connection_info_at(info, CONTAINER_RUNTIME)
             write_connection_file(runtime_dir / "connection.json", inside)
             if self._chown:
                 await self._call(self._give_to_kernel, workdir, runtime_dir)

@@ -1,33 +1,64 @@
-"""The local backend: ipykernel as a child process of the service.
+"""The local backend: ipykernel as a child process of the service, in a sandbox of its own.
 
-A development convenience, not a security boundary (see README, "What the local backend
-isolates"): the kernel runs as the service's user, in its own process group and working
-directory, with a scrubbed environment, rlimits, and a private network namespace where the
-OS allows one.
+Where bubblewrap works (see bwrap.py for what the sandbox holds and how), each kernel runs in
+a bwrap sandbox: no view of the service's processes, environment, command line or files, nor
+of any other session; a read-only system; only its working directory (and private tmpfs
+mounts) writable; no network at all; with a root service, a uid of its own per session. Where
+it does not (no bwrap, `sandbox="none"`), a kernel is a plain child process running as the
+service's user: a development convenience, not a security boundary, and the backend says so
+(`isolation`, shown by `/readyz`).
+
+Either way: its own process group (signals reach what the code started), a scrubbed
+environment, rlimits, nice 10, and what it prints outside the protocol kept in memory (the
+last 64 KiB), never in a host file it could fill.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import psutil
 
+from ..files import give_tree
 from .base import (
+    SANDBOX_RUNTIME,
+    SANDBOX_WORKDIR,
     ExitInfo,
     KernelBackend,
     KernelConfig,
     KernelProcess,
     Limits,
+    connection_info_at,
     new_connection_info,
     write_connection_file,
 )
+from .bwrap import (
+    BOOT_DIR,
+    KERNEL_CAPS,
+    MPL_CACHE,
+    TEMPLATE_CAPS,
+    Bind,
+    Bubblewrap,
+    SandboxUids,
+    data_fd,
+    find_bwrap,
+    host_path,
+    interpreter_paths,
+    isolation_report,
+    passwd_files,
+)
+
+log = logging.getLogger(__name__)
 
 BOOT_SCRIPT = Path(__file__).resolve().parent.parent / "kernel_boot.py"
 
@@ -40,6 +71,12 @@ THREAD_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "BLIS_NUM_THREADS",
 )
+# Where a sandboxed process keeps its scratch files: its private /tmp, never the host's disk.
+SANDBOX_SCRATCH = {
+    "TMPDIR": "/tmp",
+    "IPYTHONDIR": "/tmp/ipython",
+    "MPLCONFIGDIR": "/tmp/matplotlib",
+}
 
 
 def describe_exit(code: int | None) -> ExitInfo:
@@ -54,14 +91,16 @@ def describe_exit(code: int | None) -> ExitInfo:
     return ExitInfo(code, f"exited with code {code}")
 
 
-def rlimits_for(limits: Limits) -> dict[str, int]:
-    # No RLIMIT_NPROC: it counts every process and thread of the *user*, so on a shared user
-    # it would starve the other kernels; the Docker backend limits pids per container instead.
+def rlimits_for(limits: Limits, per_sandbox: bool = False) -> dict[str, int]:
+    """The rlimits of a kernel. RLIMIT_NPROC counts every process and thread of a uid in a
+    user namespace: only a sandbox (a uid or a user namespace of its own) can have it, or it
+    would count the service and every other kernel too."""
     spec = {
         "AS": limits.memory_bytes,
         "FSIZE": limits.file_size_bytes,
         "NOFILE": limits.open_files,
         "CORE": 0,
+        "NPROC": limits.pids if per_sandbox else None,
     }
     return {k: int(v) for k, v in spec.items() if v is not None}
 
@@ -104,7 +143,47 @@ def kernel_env(config: KernelConfig, workdir: Path, runtime_dir: Path, extra: di
     return env
 
 
+class OutputTail:
+    """What a kernel process prints outside the protocol (start-up errors): read from a pipe
+    as it comes, only the last `limit` bytes kept."""
+
+    def __init__(self, fd: int, limit: int = 64 * 1024) -> None:
+        self.fd, self.limit = fd, limit
+        self.data = bytearray()
+        self.loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self.drain)
+
+    def drain(self) -> None:
+        for _ in range(16):  # bounded per wake-up: a flood must not hold the event loop
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.close()
+                return
+            self.data += chunk
+            del self.data[: -self.limit]
+
+    def tail(self, max_chars: int) -> str:
+        if self.fd >= 0:
+            self.drain()  # what arrived since the last wake-up (a death's last words)
+        return self.data[-max_chars:].decode(errors="replace")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
 class LocalKernel(KernelProcess):
+    """A kernel (or a fork-server template) started by `LocalBackend.launch`. In a sandbox,
+    `init_pid` is the host pid of the sandbox's PID 1, and `runtime_dir` is reached through
+    it (nothing of the sandbox is on the host's disk)."""
+
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
@@ -112,73 +191,104 @@ class LocalKernel(KernelProcess):
         runtime_dir: Path,
         info: dict,
         registry: set[LocalKernel],
+        output: OutputTail,
+        *,
+        init_pid: int | None = None,
+        file_owner: tuple[int, int] | None = None,
     ) -> None:
         self._proc = proc
         self._registry = registry
+        self._output = output
         self.workdir = workdir
         self.runtime_dir = runtime_dir
         self.connection_info = info
+        self.file_owner = file_owner
+        self.init_pid = init_pid
+        self._init = None  # a pidfd: signals cannot reach a process that reused the pid
+        if init_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._init = os.pidfd_open(init_pid)
 
     @property
     def pid(self) -> int:
         return self._proc.pid
 
+    def _exit_info(self, code: int | None) -> ExitInfo:
+        # bwrap ends with 128 + N when the sandbox's process was killed by signal N.
+        if self.init_pid is not None and code is not None and 128 < code < 128 + 65:
+            code = 128 - code
+        return describe_exit(code)
+
     async def poll(self) -> ExitInfo | None:
         code = self._proc.returncode
-        return None if code is None else describe_exit(code)
+        return None if code is None else self._exit_info(code)
 
     async def wait(self) -> ExitInfo:
-        return describe_exit(await self._proc.wait())
+        return self._exit_info(await self._proc.wait())
+
+    def _init_alive(self) -> bool:
+        if self._init is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self._init, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
     async def send_signal(self, signum: int) -> None:
         if self._proc.returncode is not None:
             return
-        try:
-            # The whole process group, as a terminal's Ctrl-C would: children stop too.
-            os.killpg(self._proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        # The whole process group, as a terminal's Ctrl-C would: children stop too. In a
+        # sandbox that is its PID 1's group (bwrap --new-session), which the kernel is in;
+        # PID 1 itself ignores what it has no handler for.
+        group = self.init_pid if self.init_pid is not None else self._proc.pid
+        if self.init_pid is not None and not self._init_alive():
+            return  # gone: its group id may belong to someone else by now
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signum)
 
     async def kill(self) -> None:
-        # Children that left the process group (setsid) are found through the process tree.
-        try:
-            descendants = psutil.Process(self._proc.pid).children(recursive=True)
-        except psutil.Error:
-            descendants = []
-        await self.send_signal(signal.SIGKILL)
-        for child in descendants:
+        if self.init_pid is not None:
+            # Its PID 1 gone, the kernel sees every process of its namespace killed.
+            if self._init_alive():
+                signal.pidfd_send_signal(self._init, signal.SIGKILL)
+        else:
+            # Children that left the process group (setsid) are found through the tree.
             try:
-                child.kill()
+                descendants = psutil.Process(self._proc.pid).children(recursive=True)
             except psutil.Error:
-                pass
+                descendants = []
+            await self.send_signal(signal.SIGKILL)
+            for child in descendants:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
         if self._proc.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
-            except ProcessLookupError:
-                pass
         await self._proc.wait()
 
     async def cleanup(self) -> None:
         self._registry.discard(self)
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self._output.close()
+        if self._init is not None:
+            os.close(self._init)
+            self._init = None
+        if self.init_pid is None:  # a sandbox's runtime directory went with it
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def log_tail(self, max_chars: int = 2000) -> str:
-        try:
-            with open(self.runtime_dir / "kernel.log", "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(f.tell() - max_chars, 0))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return self._output.tail(max_chars)
 
     def memory_pss(self) -> int | None:
-        try:
-            return psutil.Process(self._proc.pid).memory_full_info().pss
-        except (psutil.Error, AttributeError):
-            return None
+        return tree_pss(self._proc.pid)
 
 
 class LocalBackend(KernelBackend):
+    """Kernels as child processes, each in a bwrap sandbox where the machine allows it.
+
+    `sandbox`: "auto" (bwrap when it works here, else plain processes, said loudly), "bwrap"
+    (refuse to start without it), "none" (plain processes)."""
+
     name = "local"
 
     def __init__(
@@ -188,63 +298,262 @@ class LocalBackend(KernelBackend):
         runtime_root: Path | None = None,
         private_network: bool = True,
         python: str = sys.executable,
+        sandbox: Literal["auto", "bwrap", "none"] = "auto",
     ) -> None:
         super().__init__(config)
         self.python = python
         self.private_network = private_network
+        as_root = os.geteuid() == 0
+        bwrap = find_bwrap() if sandbox != "none" else None
+        self._isolation, sandboxed, self.runs_isolated = isolation_report(sandbox, bwrap, as_root)
+        for missing in self._isolation["missing"]:
+            log.warning("local backend, weaker isolation: %s", missing)
+        self.bwrap = Bubblewrap(bwrap, as_root) if sandboxed and bwrap else None
+        self.uids = SandboxUids() if self.bwrap is not None and as_root else None
         # Socket paths must stay short (108 bytes for a unix socket), hence /tmp.
         self.runtime_root = runtime_root or Path(tempfile.mkdtemp(prefix="kernelbox-"))
         self.runtime_root.mkdir(parents=True, exist_ok=True)
-        # One matplotlib cache for all kernels, so the font cache is built once.
+        # One matplotlib cache for all kernels, so the font cache is built once: in a sandbox
+        # a read-only copy (each kernel copies it), else a directory all of them write.
         self._mpl_dir = self.runtime_root / "matplotlib"
         self._mpl_dir.mkdir(exist_ok=True)
+        self._mpl_task: asyncio.Task[bool] | None = None
         self._kernels: set[LocalKernel] = set()
 
+    @property
+    def isolation(self) -> dict:
+        return self._isolation
+
     async def start(self, workdir: Path, env: dict[str, str] | None = None) -> LocalKernel:
-        runtime_dir = Path(tempfile.mkdtemp(prefix="k-", dir=self.runtime_root))
-        (runtime_dir / "tmp").mkdir()
-        info = new_connection_info(runtime_dir)
-        conn_file = runtime_dir / "connection.json"
-        write_connection_file(conn_file, info)
         cfg = self.config
-        kenv = kernel_env(cfg, workdir, runtime_dir, env or {})
-        kenv.setdefault("MPLCONFIGDIR", str(self._mpl_dir))
-        kenv["KERNELBOX_RLIMITS"] = json.dumps(rlimits_for(cfg.limits))
+        extra = env or {}
+        if self.bwrap is None:
+            runtime_dir = Path(tempfile.mkdtemp(prefix="k-", dir=self.runtime_root))
+            (runtime_dir / "tmp").mkdir()
+            info = new_connection_info(runtime_dir)
+            write_connection_file(runtime_dir / "connection.json", info)
+            kenv = kernel_env(cfg, workdir, runtime_dir, extra)
+            kenv.setdefault("MPLCONFIGDIR", str(self._mpl_dir))
+            kenv["KERNELBOX_RLIMITS"] = json.dumps(rlimits_for(cfg.limits))
+            kenv.update(boot_env(cfg))
+            if self.private_network:
+                kenv["KERNELBOX_UNSHARE_NET"] = "1"
+            argv = [self.python, str(BOOT_SCRIPT), "-f", str(runtime_dir / "connection.json")]
+            return await self.launch(
+                argv, kenv, runtime_dir=runtime_dir, workdir=workdir, info=info
+            )
+        inside = Path(SANDBOX_RUNTIME)
+        info = new_connection_info(inside)  # the kernel's view; the service's is set by launch
+        kenv = kernel_env(cfg, Path(SANDBOX_WORKDIR), inside, extra)
+        kenv.update({k: v for k, v in SANDBOX_SCRATCH.items() if k not in cfg.env | extra})
+        kenv["KERNELBOX_RLIMITS"] = json.dumps(rlimits_for(cfg.limits, per_sandbox=True))
         kenv.update(boot_env(cfg))
-        if self.private_network:
-            kenv["KERNELBOX_UNSHARE_NET"] = "1"
-        argv = [self.python, str(BOOT_SCRIPT), "-f", str(conn_file)]
-        return await self.launch(argv, workdir, runtime_dir, kenv, info=info)
+        argv = [self.python, f"{BOOT_DIR}/kernel_boot.py", "-f", f"{inside}/connection.json"]
+        files = {f"{inside}/connection.json": json.dumps(info).encode()}
+        return await self.launch(argv, kenv, workdir=workdir, files=files, info=info)
 
     async def launch(
         self,
         argv: list[str],
-        cwd: Path,
-        runtime_dir: Path,
         env: dict[str, str],
         *,
+        runtime_dir: Path | None = None,
+        workdir: Path | None = None,
+        owner: Path | None = None,
+        files: dict[str, bytes] | None = None,
         info: dict | None = None,
+        template: bool = False,
         kind: type[LocalKernel] = LocalKernel,
     ) -> LocalKernel:
         """Start one process of ours (a kernel, or a fork server's template): its own process
-        group, output to `runtime_dir/kernel.log`, dying with the service, killed by `close`."""
-        env = {**env, "KERNELBOX_PARENT_PID": str(os.getpid())}
-        with open(runtime_dir / "kernel.log", "wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # own process group: signals reach the kernel only
+        group, dying with the service, killed by `close`.
+
+        Plain (no sandbox): `argv` names host paths; it runs in `workdir` (else `runtime_dir`,
+        which it owns). In a sandbox: `argv` names the sandbox's paths; `workdir` is bound at
+        SANDBOX_WORKDIR; `files` (path inside -> content) are read-only files in it; a root
+        service gives it the uid of `owner` (default: `workdir`), which lasts as long as that
+        directory; `template` keeps what a fork-server template needs to isolate its runs.
+        `info` (the kernel's connection info) becomes `connection_info` with host paths."""
+        if self.bwrap is None:
+            assert runtime_dir is not None
+            env = {**env, "KERNELBOX_PARENT_PID": str(os.getpid())}
+            out_r, out_w = os.pipe()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    cwd=workdir or runtime_dir,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=out_w,
+                    start_new_session=True,  # own process group: signals reach the kernel only
+                )
+            except BaseException:
+                os.close(out_r)
+                raise
+            finally:
+                os.close(out_w)
+            kernel = kind(
+                proc,
+                workdir or runtime_dir,
+                runtime_dir,
+                info or {},
+                self._kernels,
+                OutputTail(out_r),
             )
-        kernel = kind(proc, cwd, runtime_dir, info or {}, self._kernels)
+        else:
+            kernel = await self._launch_sandboxed(
+                argv, env, workdir, owner or workdir, files or {}, info, template, kind
+            )
         self._kernels.add(kernel)
         return kernel
+
+    async def _launch_sandboxed(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        workdir: Path | None,
+        owner: Path | None,
+        files: dict[str, bytes],
+        info: dict | None,
+        template: bool,
+        kind: type[LocalKernel],
+    ) -> LocalKernel:
+        assert self.bwrap is not None
+        python_paths = await interpreter_paths(self.python)
+        binds = [Bind(workdir, SANDBOX_WORKDIR, writable=True)] if workdir is not None else []
+        env = dict(env)
+        if await self._font_cache(python_paths):
+            binds.append(Bind(self._mpl_dir, MPL_CACHE))
+            env["KERNELBOX_MPL_CACHE"] = MPL_CACHE
+        uid, gid = os.getuid(), os.getgid()
+        file_owner = None
+        if self.uids is not None:
+            assert owner is not None, "a root service's sandbox needs a directory to own"
+            uid = gid = self.uids.take(owner)
+            env["KERNELBOX_RUN_AS"] = f"{uid}:{gid}"
+            if workdir is not None:
+                file_owner = (uid, gid)
+                if os.lstat(workdir).st_uid != uid:  # first seen: make what is there its own
+                    await asyncio.to_thread(give_tree, workdir, (uid, gid))
+        fds = {path: data_fd(data) for path, data in {**passwd_files(uid, gid), **files}.items()}
+        info_r, info_w = os.pipe()
+        out_r, out_w = os.pipe()
+        command = self.bwrap.command(
+            argv,
+            python_paths=python_paths,
+            cwd=SANDBOX_WORKDIR if workdir is not None else "/tmp",
+            binds=binds,
+            data=fds,
+            info_fd=info_w,
+            caps=TEMPLATE_CAPS if template else KERNEL_CAPS,
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out_w,
+                stderr=out_w,
+                pass_fds=[info_w, *fds.values()],
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (info_r, out_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (info_w, out_w, *fds.values()):
+                os.close(fd)
+        output = OutputTail(out_r)
+        try:
+            init_pid = await _sandbox_pid(info_r, self.config.start_timeout)
+        except BaseException as exc:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            said = output.tail(2000)
+            output.close()
+            if isinstance(exc, Exception):
+                raise RuntimeError(f"bwrap did not start the sandbox: {said or exc}") from exc
+            raise
+        runtime_dir = host_path(init_pid, SANDBOX_RUNTIME)
+        host_info = connection_info_at(info, runtime_dir) if info is not None else {}
+        return kind(
+            proc,
+            workdir if workdir is not None else runtime_dir,
+            runtime_dir,
+            host_info,
+            self._kernels,
+            output,
+            init_pid=init_pid,
+            file_owner=file_owner,
+        )
+
+    async def _font_cache(self, python_paths: tuple[str, ...]) -> bool:
+        """matplotlib's font cache, built once per backend in a sandbox like a kernel's (so it
+        names the fonts a kernel sees), read-only for every kernel after. False if it could not
+        be built: each kernel then builds its own (a second of CPU at its start)."""
+        task = self._mpl_task
+        if task is None or (not task.done() and task.get_loop() is not asyncio.get_running_loop()):
+            task = self._mpl_task = asyncio.ensure_future(self._build_font_cache(python_paths))
+        return await asyncio.shield(task)
+
+    async def _build_font_cache(self, python_paths: tuple[str, ...]) -> bool:
+        assert self.bwrap is not None
+        uid, gid = os.getuid(), os.getgid()
+        fds = {path: data_fd(data) for path, data in passwd_files(uid, gid).items()}
+        command = self.bwrap.command(
+            [self.python, "-c", "import matplotlib.font_manager"],
+            python_paths=python_paths,
+            cwd="/tmp",
+            binds=[Bind(self._mpl_dir, MPL_CACHE, writable=True)],
+            data=fds,
+            caps=(),
+        )
+        env = {"PATH": "/usr/bin:/bin", "MPLCONFIGDIR": MPL_CACHE, "HOME": "/tmp"}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                pass_fds=list(fds.values()),
+            )
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            log.warning("matplotlib's font cache not built: %s", out.decode(errors="replace"))
+            return False
+        return True
 
     async def close(self) -> None:
         for kernel in list(self._kernels):
             await kernel.kill()
             await kernel.cleanup()
+        if self._mpl_task is not None and not self._mpl_task.done():
+            self._mpl_task.cancel()
         shutil.rmtree(self.runtime_root, ignore_errors=True)
+
+
+async def _sandbox_pid(fd: int, timeout: float) -> int:
+    """From bwrap's --info-fd: the host pid of the sandbox's PID 1 (bwrap writes it once the
+    sandbox exists; EOF without it means bwrap gave up)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        data = b""
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(4096):
+                data += chunk
+                with contextlib.suppress(ValueError):
+                    return int(json.loads(data)["child-pid"])
+        raise RuntimeError("bwrap ended before the sandbox existed")
+    finally:
+        transport.close()
