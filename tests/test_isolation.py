@@ -27,11 +27,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import IMAGE, require_docker
 
 from service.app import create_app
 from service.auth import owner_of
 from service.settings import Settings
+from tests.conftest import IMAGE, require_docker
 from tests.server import _wait_for_warm, free_port, running_server
 
 #: the backends every check runs on
