@@ -46,6 +46,7 @@ import psutil
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig, Mount, Ulimit
 
+from . import docker_runtime
 from .base import (
     ExitInfo,
     KernelBackend,
@@ -306,6 +307,7 @@ class DockerBackend(KernelBackend):
         max_workers: int = 16,
         reap: bool = True,
         host_paths: HostPaths | None = None,
+        runtime: str | None = None,
     ) -> None:
         super().__init__(config)
         self.image = image
@@ -331,6 +333,9 @@ class DockerBackend(KernelBackend):
                 f"`scripts/build-kernel-image.sh {image}` (or `make image`)"
             ) from None
         _warn_if_stale(image, found.labels or {})
+        #: the OCI runtime of kernels (None: the engine's default), checked now: a runtime
+        #: without what kernels need fails here with what to put in daemon.json
+        self.runtime = docker_runtime.check(self.client.info(), runtime)
 
         # Socket paths must stay short, hence a fresh directory under /tmp by default. A given
         # runtime_root may be shared by backends and outlive them: each has its own lock file.
@@ -513,7 +518,9 @@ class DockerBackend(KernelBackend):
             # kernel containers it is CPU shares that decide (1024 is everyone's default).
             limits["cpu_shares"] = 256
         if lim.pids is not None:
-            limits["pids_limit"] = int(lim.pids)
+            limits["pids_limit"] = self.runtime.host_pids(int(lim.pids))
+            if self.runtime.gvisor:  # per sandbox there (see docker_runtime.py)
+                ulimits.append(Ulimit(name="nproc", soft=int(lim.pids), hard=int(lim.pids)))
         uid, gid = self.user
         return {
             "image": self.image,
@@ -549,6 +556,7 @@ class DockerBackend(KernelBackend):
                 type="json-file", config={"max-size": str(self.log_bytes), "max-file": "1"}
             ),
             **limits,
+            "runtime": self.runtime.name,
         }
 
     # -- deaths ------------------------------------------------------------------------------
