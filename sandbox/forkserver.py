@@ -486,9 +486,12 @@ async def _launch_docker(backend, options: ForkServerOptions) -> tuple[KernelPro
     # 0700 and the service's: the template gets in as its owner (see TEMPLATE_CAPS), runs do
     # not.
     runtime_dir = Path(tempfile.mkdtemp(prefix="f-", dir=backend.runtime_root))
+    if backend.id_shift != (0, 0):  # userns-remap: the template's root is another host uid
+        os.chown(runtime_dir, *backend.host_ids(0, 0))
     lim = backend.config.limits
     # A random uid range per template: no other container's processes share these uids
-    # (RLIMIT_NPROC counts per uid across the host).
+    # (RLIMIT_NPROC counts per uid across the host). The template moves it into its user
+    # namespace's ids when they are fewer (userns-remap: 65536).
     uid_base = 1_000_000 + secrets.randbelow(1_000_000) * 1024
 
     def as_template(kwargs: dict) -> None:

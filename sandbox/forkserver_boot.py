@@ -190,6 +190,32 @@ def _remove_entry(path: str, is_dir: bool, parent_owner: int) -> None:
         pass
 
 
+_FIRST_RUN_UID = 10_000  # below: the image's users (the kernels' sandbox user is 1000)
+
+
+def fit_uid_range(base: int, count: int) -> int:
+    """`base` when the uids and gids base .. base+count-1 exist in this user namespace; else
+    a random base where they do, above the image's own users (a container of an engine with
+    userns-remap has 65536 ids, not 2**32)."""
+    extents = []
+    for kind in ("uid", "gid"):
+        with open(f"/proc/self/{kind}_map") as f:
+            extents.append([(int(first), int(n)) for first, _, n in map(str.split, f)])
+
+    def fits(b: int) -> bool:
+        return all(any(lo <= b and b + count <= lo + n for lo, n in ext) for ext in extents)
+
+    if fits(base):
+        return base
+    lo, n = max(extents[0], key=lambda extent: extent[1])
+    room = n - _FIRST_RUN_UID - count
+    for _ in range(100) if room > 0 else ():
+        candidate = lo + _FIRST_RUN_UID + int.from_bytes(os.urandom(4), "big") % room
+        if fits(candidate):
+            return candidate
+    raise SystemExit(f"kernelbox-forkserver: no {count} uids and gids free in this namespace")
+
+
 def _random_name(n: int = 8) -> str:
     # tempfile's alphabet and length, so working directories and code files look the same as
     # SandboxFusion's (/tmp/tmpk3j_x0a1/tmpa8d9f2ew.py).
@@ -987,9 +1013,10 @@ def main(argv: list[str]) -> None:
         os.chmod(args.socket, 0o600)
     listener.listen(1024)
     listener.setblocking(False)
+    uid_base = fit_uid_range(args.uid_base, args.slots) if args.uid_base else None
     cfg = Config(
         runs_dir=args.runs,
-        uid_base=args.uid_base or None,
+        uid_base=uid_base,
         slots=args.slots,
         rlimits=rlimits,
         nproc=nproc,

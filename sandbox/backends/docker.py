@@ -314,11 +314,6 @@ class DockerBackend(KernelBackend):
         self.instance = uuid.uuid4().hex
         self.tmp_bytes = tmp_bytes
         self.log_bytes = log_bytes
-        if user is None:
-            user = SANDBOX_UID_GID if os.geteuid() == 0 else (os.geteuid(), os.getegid())
-        self.user = user
-        self._chown = user != (os.geteuid(), os.getegid())
-        self.file_owner = user if self._chown else None
         self.client = client or docker.from_env(max_pool_size=max_workers + 2)
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="kernelbox-docker")
         self._kernels: dict[str, DockerKernel] = {}
@@ -333,9 +328,10 @@ class DockerBackend(KernelBackend):
                 f"`scripts/build-kernel-image.sh {image}` (or `make image`)"
             ) from None
         _warn_if_stale(image, found.labels or {})
+        info = self.client.info()
         #: the OCI runtime of kernels (None: the engine's default), checked now: a runtime
         #: without what kernels need fails here with what to put in daemon.json
-        self.runtime = docker_runtime.check(self.client.info(), runtime)
+        self.runtime = docker_runtime.check(info, runtime)
 
         # Socket paths must stay short, hence a fresh directory under /tmp by default. A given
         # runtime_root may be shared by backends and outlive them: each has its own lock file.
@@ -349,6 +345,24 @@ class DockerBackend(KernelBackend):
         # here, with a clear message, not at the first kernel start.
         self.host_paths = host_paths or HostPaths.detect(self.client)
         self.host_paths.to_host(self.runtime_root)
+        #: (uid, gid) that a container's 0:0 is on the host: not (0, 0) under the engine's
+        #: userns-remap, as a service on the host sees it (one in a container of the same
+        #: engine is remapped alike: the same ids on both sides)
+        self.id_shift = docker_runtime.userns_shift(info)
+        if self.host_paths.container_id:
+            self.id_shift = (0, 0)
+        if user is None:
+            user = SANDBOX_UID_GID if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        self.user = user  # as the container sees it
+        owner = self.host_ids(*user)
+        self._chown = owner != (os.geteuid(), os.getegid())
+        if self._chown and self.id_shift != (0, 0) and os.geteuid() != 0:
+            raise RuntimeError(
+                "the Docker engine remaps user namespaces (userns-remap): a kernel's files "
+                f"belong to uid {owner[0]} on the host, which only a root service can give them; "
+                "run the service as root, or in a container of this engine (docker-compose.yml)"
+            )
+        self.file_owner = owner if self._chown else None
         # Held for the life of this backend: while it is held, our containers are not orphans.
         # flock is released by the kernel when the process dies, however it dies.
         self._lock_path = self.runtime_root / f"owner-{self.instance}.lock"
@@ -460,9 +474,15 @@ class DockerBackend(KernelBackend):
         try:
             await self._call(container.start)
             state = (await self._call(kernel._inspect))["State"]
-        except BaseException:
+        except BaseException as exc:
             await kernel.kill()
             await kernel.cleanup()
+            if isinstance(exc, APIError) and self.runtime.gvisor and self.id_shift != (0, 0):
+                raise RuntimeError(
+                    f"{exc}. gVisor under the engine's userns-remap: runsc 2022-12 cannot "
+                    "remount a container's root read-only in a user namespace; run kernels "
+                    "under runc with userns-remap, or under runsc without it"
+                ) from exc
             raise
         pid = state.get("Pid") or None
         # The engine's pid is the host's: meaningless in a service that runs in a container
@@ -470,8 +490,12 @@ class DockerBackend(KernelBackend):
         kernel.host_pid = pid if pid and _in_cgroup_of(pid, kernel.container_id) else None
         return kernel
 
+    def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """The host's ids for a container's `uid` and `gid` (see `id_shift`)."""
+        return uid + self.id_shift[0], gid + self.id_shift[1]
+
     def _give_to_kernel(self, workdir: Path, runtime_dir: Path) -> None:
-        uid, gid = self.user
+        uid, gid = self.host_ids(*self.user)
         os.chown(runtime_dir, uid, gid)
         os.chown(runtime_dir / "connection.json", uid, gid)
         # lchown and no following of symlinks: the kernel may have planted links to host files.

@@ -1,4 +1,5 @@
-"""The Docker engine's OCI runtime for kernels: runc (Docker's default) or gVisor's runsc.
+"""How the Docker engine runs kernels: the OCI runtime, runc (Docker's default) or gVisor's
+runsc, and the user-namespace remapping of ids, both as `docker info` tells.
 
 Under runc a kernel's system calls go to the host's Linux kernel, filtered by seccomp and
 confined by namespaces and cgroups. Under runsc (gVisor) they go to the Sentry, a kernel in user
@@ -31,6 +32,7 @@ wider bound that protects the host's pid space (`host_pids`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,3 +127,20 @@ def check(info: dict[str, Any], name: str | None) -> Runtime:
             f"{_RELOAD}"
         )
     return runtime
+
+
+def userns_shift(info: dict[str, Any]) -> tuple[int, int]:
+    """The host's (uid, gid) for a container's 0:0 under the engine's `userns-remap`, from
+    `docker info` (the engine then keeps its images in DockerRootDir/<uid>.<gid>); (0, 0)
+    without it. A kernel's uid 1000 is then the host's uid + 1000: what the service must give
+    its working directory to."""
+    if not any("name=userns" in option for option in info.get("SecurityOptions") or ()):
+        return 0, 0
+    root = str(info.get("DockerRootDir") or "")
+    found = re.fullmatch(r"(\d+)\.(\d+)", Path(root).name)
+    if found is None:
+        raise RuntimeError(
+            f"the Docker engine remaps user namespaces, but its root directory {root!r} does "
+            "not say to which ids (expected .../<uid>.<gid>)"
+        )
+    return int(found[1]), int(found[2])
