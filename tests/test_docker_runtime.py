@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sandbox.backends.docker_runtime import check
+from sandbox.backends.docker_runtime import check, userns_shift
 
 LEAD = {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--host-uds=all"]}
 
@@ -81,3 +81,16 @@ def test_gvisor_as_the_engines_default_is_checked_too():
     default_runsc = {**info(runsc={"path": "/usr/bin/runsc"}), "DefaultRuntime": "runsc"}
     with pytest.raises(RuntimeError, match="without --network=none --host-uds=create"):
         check(default_runsc, None)
+
+
+REMAPPED = {"SecurityOptions": ["name=seccomp,profile=default", "name=userns"]}
+
+
+def test_userns_remap_shifts_ids_for_a_service_on_the_host():
+    info = {**REMAPPED, "DockerRootDir": "/var/lib/docker/100000.100000"}
+    assert userns_shift(info, own=(0, 0)) == (100000, 100000)
+    # A service in a container of the same engine is remapped alike: nothing to shift.
+    assert userns_shift(info, own=(100000, 100000)) == (0, 0)
+    assert userns_shift({"DockerRootDir": "/var/lib/docker"}, own=(0, 0)) == (0, 0)
+    with pytest.raises(RuntimeError, match="does not say to which ids"):
+        userns_shift({**REMAPPED, "DockerRootDir": "/srv/docker"}, own=(0, 0))

@@ -345,12 +345,9 @@ class DockerBackend(KernelBackend):
         # here, with a clear message, not at the first kernel start.
         self.host_paths = host_paths or HostPaths.detect(self.client)
         self.host_paths.to_host(self.runtime_root)
-        #: (uid, gid) that a container's 0:0 is on the host: not (0, 0) under the engine's
-        #: userns-remap, as a service on the host sees it (one in a container of the same
-        #: engine is remapped alike: the same ids on both sides)
+        #: what a container's uid and gid are shifted by, as this service sees files: not
+        #: (0, 0) under the engine's userns-remap for a service not remapped alike
         self.id_shift = docker_runtime.userns_shift(info)
-        if self.host_paths.container_id:
-            self.id_shift = (0, 0)
         if user is None:
             user = SANDBOX_UID_GID if os.geteuid() == 0 else (os.geteuid(), os.getegid())
         self.user = user  # as the container sees it
@@ -360,7 +357,7 @@ class DockerBackend(KernelBackend):
             raise RuntimeError(
                 "the Docker engine remaps user namespaces (userns-remap): a kernel's files "
                 f"belong to uid {owner[0]} on the host, which only a root service can give them; "
-                "run the service as root, or in a container of this engine (docker-compose.yml)"
+                "run the service as root"
             )
         self.file_owner = owner if self._chown else None
         # Held for the life of this backend: while it is held, our containers are not orphans.

@@ -129,13 +129,15 @@ def check(info: dict[str, Any], name: str | None) -> Runtime:
     return runtime
 
 
-def userns_shift(info: dict[str, Any]) -> tuple[int, int]:
-    """The host's (uid, gid) for a container's 0:0 under the engine's `userns-remap`, from
-    `docker info` (the engine then keeps its images in DockerRootDir/<uid>.<gid>); (0, 0)
-    without it. A kernel's uid 1000 is then the host's uid + 1000: what the service must give
-    its working directory to."""
+def userns_shift(info: dict[str, Any], own: tuple[int, int] | None = None) -> tuple[int, int]:
+    """What to add to a container's uid and gid to get the ids this process sees for them,
+    under the engine's `userns-remap` (the engine then keeps its images in
+    DockerRootDir/<uid>.<gid>, the host ids of a container's 0:0); (0, 0) without it. A
+    service in a container remapped alike (`own`: where its own 0:0 is on the host, from its
+    uid_map) shares the kernels' ids: nothing to add."""
     if not any("name=userns" in option for option in info.get("SecurityOptions") or ()):
         return 0, 0
+    own = own or own_host_ids()
     root = str(info.get("DockerRootDir") or "")
     found = re.fullmatch(r"(\d+)\.(\d+)", Path(root).name)
     if found is None:
@@ -143,4 +145,18 @@ def userns_shift(info: dict[str, Any]) -> tuple[int, int]:
             f"the Docker engine remaps user namespaces, but its root directory {root!r} does "
             "not say to which ids (expected .../<uid>.<gid>)"
         )
-    return int(found[1]), int(found[2])
+    return int(found[1]) - own[0], int(found[2]) - own[1]
+
+
+def own_host_ids() -> tuple[int, int]:
+    """The host's uid and gid for this process's 0:0 (not 0:0 in a remapped container)."""
+    found = []
+    for kind in ("uid", "gid"):
+        with open(f"/proc/self/{kind}_map") as f:
+            for inside, outside, _count in map(str.split, f):
+                if inside == "0":
+                    found.append(int(outside))
+                    break
+            else:
+                found.append(0)
+    return found[0], found[1]
