@@ -160,6 +160,61 @@ async def test_host_files_and_service_secrets_are_invisible(dbackend, workdir, m
     assert "environ has secret: True" not in out
 
 
+async def test_kernel_cannot_touch_the_service_or_other_sessions(dbackend, session, tmp_path):
+    """The isolation checks, under whichever runtime the backend has: the service's process
+    (signals, its command line and environment), another session's files and connection file,
+    the host's loopback ports, and what one kernel plants for the next one to find."""
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    (other_dir / "secret.txt").write_text("other session's secret")
+    other = await KernelSession.start(dbackend, other_dir)
+    listener = socket.create_server(("127.0.0.1", 0))  # a loopback port of the host
+    try:
+        await run_ok(
+            other,
+            """
+            import subprocess
+            open("/tmp/planted", "w").write("x")
+            open("/dev/shm/planted", "w").write("x")
+            planted_process = subprocess.Popen(["sleep", "600"])
+            planted_variable = 1
+            """,
+        )
+        other_conn = other.kernel.proc.runtime_dir / "connection.json"
+        me = os.getpid()
+        out = await run_ok(
+            session,
+            f"""
+            import os, signal, socket
+            def attempt(fn):
+                try:
+                    fn()
+                    return "ALLOWED"
+                except OSError as exc:
+                    return type(exc).__name__
+            print("signal", attempt(lambda: os.kill({me}, signal.SIGTERM)))
+            cmdlines = [open(f"/proc/{{p}}/cmdline", "rb").read()
+                        for p in os.listdir("/proc") if p.isdigit()]
+            print("service seen", any(b"pytest" in c or b"kernelbox" in c and b"serve" in c
+                                      for c in cmdlines), len(cmdlines) <= 3)
+            for path in ({str(other_dir / "secret.txt")!r}, {str(other_conn)!r}):
+                print("open", attempt(lambda: open(path).read()))
+            print("loopback", attempt(lambda: socket.create_connection(
+                ("127.0.0.1", {listener.getsockname()[1]}), timeout=2)))
+            print("planted", [p for p in ("/tmp/planted", "/dev/shm/planted") if os.path.exists(p)],
+                  any(b"sleep" in c for c in cmdlines), "planted_variable" in globals())
+            """,
+        )
+    finally:
+        listener.close()
+        await other.close()
+    assert "signal ProcessLookupError" in out  # the service's pid does not exist in there
+    assert "service seen False True" in out  # tini, the kernel and, briefly, nothing else
+    assert out.count("open FileNotFoundError") == 2
+    assert "loopback ConnectionRefusedError" in out  # its own loopback, with nothing on it
+    assert "planted [] False False" in out
+
+
 async def test_non_root_no_capabilities_read_only_root(dbackend, session):
     out = await run_ok(
         session,

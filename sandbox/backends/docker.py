@@ -264,8 +264,21 @@ class DockerKernel(KernelProcess):
             os.chmod(self.runtime_dir, 0o755)
 
     def memory_pss(self) -> int | None:
-        """Proportional set size of everything in the container, from the host's /proc."""
-        return None if self.host_pid is None else tree_pss(self.host_pid)
+        """Proportional set size of everything in the container, from the host's /proc: tini
+        and the kernel (runc); the Sentry, its stubs and its gofer (runsc: the whole sandbox,
+        which is what it costs; gVisor keeps the code's memory in a file the Sentry maps)."""
+        if self.host_pid is None:
+            return None
+        pids = [self.host_pid]
+        with contextlib.suppress(psutil.Error):  # the gofer is a sibling, in the same cgroup
+            siblings = psutil.Process(self.host_pid).parent().children()
+            pids += [
+                p.pid
+                for p in siblings
+                if p.pid != self.host_pid and _in_cgroup_of(p.pid, self.container_id)
+            ]
+        sizes = [tree_pss(pid) for pid in pids]
+        return None if sizes[0] is None else sum(size or 0 for size in sizes)
 
     def log_tail(self, max_chars: int = 2000) -> str:
         # Sync by contract (used on error paths); after removal the last copy is kept.
