@@ -25,13 +25,15 @@ Each child: its own session (killed as a group), its own empty 0700 working dire
 scrubbed environment, rlimits, umask 077, stdin/stdout/stderr from the request, then the code
 runs as `__main__` the way `python file.py` runs it (return code 1 and the traceback on stderr
 for an uncaught exception; SystemExit honoured). With `--uid-base` (the Docker backend, where
-the template is root in its container with only the capabilities it needs) every concurrent
+the template is root in its container with CAP_SETUID and CAP_SETGID only) every concurrent
 run also gets its own uid and gid from a range, so runs cannot signal, trace or read each
-other; the template sweeps what a run left in the shared temporary directories.
+other, and no SysV IPC; the template sweeps what a run left in the shared temporary
+directories, acting as the owner of what it kills and removes (`acting_as`).
 
 At the deadline the child's process group is killed; when a run ends, whatever it left behind
 is killed too: the template is a child subreaper, so orphans of a run become its children and
-are found by uid (Docker) or session (local).
+are found by uid (Docker) or session (local). gVisor has no subreapers: there a run's orphans
+are found by uid among all the container's processes.
 
 Configuration from the environment (removed once read):
     KERNELBOX_RLIMITS       JSON rlimits for every child (see kernel_boot.apply_rlimits)

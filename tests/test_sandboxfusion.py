@@ -472,6 +472,12 @@ def test_docker_runs_have_no_privileges_network_or_ipc(docker_server):
     )
     body = drun(docker_server, code)
     assert body["run_result"]["stdout"] == "True True 0 none -1 False 0o77 True\n", body
+    # The template itself: root in its container with the two capabilities runs' ids need.
+    import docker
+
+    for template in docker_server.app.state.forkserver.templates:
+        host = docker.from_env().api.inspect_container(template.proc.container_id)["HostConfig"]
+        assert (host["CapDrop"], sorted(host["CapAdd"])) == (["ALL"], ["SETGID", "SETUID"])
 
 
 @pytest.mark.docker
