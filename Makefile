@@ -50,6 +50,7 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.service --backend docker --sessions 32 --port 8742
 	$(PY) -m bench.runcode
 	$(PY) -m bench.isolation_local
+	$(PY) -m bench.isolation_docker --plot docs/isolation_docker.png
 	$(PY) -m bench.fork_cost
 	$(PY) -m bench.sdk_concurrency
 

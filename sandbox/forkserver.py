@@ -21,8 +21,8 @@ Backends:
     sandbox: a child process of the service, its runs the service's user (no boundary).
   - docker: the template runs in a kernel-image container with the kernel containers'
     hardening (no network, read-only root, no-new-privileges, limits), as root with only
-    SETUID, SETGID, KILL and DAC_OVERRIDE; every run drops to its own uid and gid from a
-    range before any code runs, so concurrent runs cannot read, signal or trace each other.
+    SETUID and SETGID; every run drops to its own uid and gid from a range before any code
+    runs, so concurrent runs cannot read, signal or trace each other.
 A template handle is a `KernelProcess` registered with its backend, so `backend.close()`
 removes templates as it removes kernels, and the Docker backend's orphan reaping finds them.
 """
@@ -72,11 +72,14 @@ CONTAINER_ENTRY = (
     'mkdir -p "$MPLCONFIGDIR" && cp -R /opt/kernelbox/matplotlib/. "$MPLCONFIGDIR"/; '
     f'exec /opt/venv/bin/python {CONTAINER_BOOT} "$@"'
 )
-# Capabilities of the template in its container, and why: SETUID/SETGID to give each run its
-# own uid and gid; KILL to kill a run's processes (other uids); DAC_OVERRIDE to remove a run's
-# 0700 directory and what it left in /tmp and /dev/shm. A run drops all of them for good
-# (setresuid from root to another uid clears every capability) before its code starts.
-TEMPLATE_CAPS = ["SETUID", "SETGID", "KILL", "DAC_OVERRIDE"]
+# Capabilities of the template in its container: SETUID and SETGID, to give each run a uid
+# and gid of its own (setresuid, setresgid, setgroups). Nothing else: it kills a run's
+# processes and removes its files acting as their owner (seteuid, forkserver_boot.acting_as),
+# where CAP_KILL and CAP_DAC_OVERRIDE would add nothing that SETUID cannot reach anyway. A
+# user namespace instead is out of reach: Docker's seccomp profile refuses unshare(CLONE_NEWUSER)
+# without CAP_SYS_ADMIN. A run drops both for good (setresuid from root to another uid
+# clears every capability) before its code starts.
+TEMPLATE_CAPS = ["SETUID", "SETGID"]
 # SysV IPC objects outlive processes and are shared by the container's runs: none at all
 # (POSIX shared memory and semaphores, in /dev/shm, keep working and are swept).
 NO_SYSV_IPC = {
@@ -514,11 +517,15 @@ async def _launch_docker(backend, options: ForkServerOptions) -> tuple[KernelPro
     from .backends import docker as d
 
     template_id = f"fs{uuid.uuid4().hex[:10]}"
-    # 0700 and the service's: the template (root with DAC_OVERRIDE) gets in, runs do not.
+    # 0700 and the service's: the template gets in as its owner (see TEMPLATE_CAPS), runs do
+    # not.
     runtime_dir = Path(tempfile.mkdtemp(prefix="f-", dir=backend.runtime_root))
+    if backend.id_shift != (0, 0):  # userns-remap: the template's root is another host uid
+        os.chown(runtime_dir, *backend.host_ids(0, 0))
     lim = backend.config.limits
     # A random uid range per template: no other container's processes share these uids
-    # (RLIMIT_NPROC counts per uid across the host).
+    # (RLIMIT_NPROC counts per uid across the host). The template moves it into its user
+    # namespace's ids when they are fewer (userns-remap: 65536).
     uid_base = 1_000_000 + secrets.randbelow(1_000_000) * 1024
 
     def as_template(kwargs: dict) -> None:

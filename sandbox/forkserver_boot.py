@@ -26,9 +26,10 @@ Each child: its own session (killed as a group), its own empty 0700 working dire
 scrubbed environment, rlimits, umask 077, stdin/stdout/stderr from the request, then the code
 runs as `__main__` the way `python file.py` runs it (return code 1 and the traceback on stderr
 for an uncaught exception; SystemExit honoured). With `--uid-base` (the Docker backend, where
-the template is root in its container with only the capabilities it needs) every concurrent
+the template is root in its container with CAP_SETUID and CAP_SETGID only) every concurrent
 run also gets its own uid and gid from a range, so runs cannot signal, trace or read each
-other; the template sweeps what a run left in the shared temporary directories.
+other, and no SysV IPC; the template sweeps what a run left in the shared temporary
+directories, acting as the owner of what it kills and removes (`acting_as`).
 
 With `--isolate` (the local backend's bwrap sandbox, where every run has the template's uid)
 every run gets namespaces of its own instead: user, mount, PID, IPC and network. The template
@@ -43,7 +44,8 @@ ends, killing its init takes every process it left with it.
 
 At the deadline the child's process group is killed; when a run ends, whatever it left behind
 is killed too: the template is a child subreaper, so orphans of a run become its children and
-are found by uid (Docker) or session (local, without --isolate).
+are found by uid (Docker) or session (local, without --isolate). gVisor has no subreapers:
+there a run's orphans are found by uid among all the container's processes.
 
 Configuration from the environment (removed once read):
     KERNELBOX_RUN_AS        "uid:gid" (--isolate, root service): become them first thing
@@ -65,19 +67,20 @@ from __future__ import annotations
 
 import argparse
 import binascii
+import contextlib
 import ctypes
 import gc
 import hashlib
 import json
 import os
 import selectors
-import shutil
 import signal
 import socket
 import stat
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kernel_boot import (
@@ -220,14 +223,15 @@ MADV_COLLAPSE = 25  # Linux 6.1+
 _HUGE = 2 * 1024**2
 
 
-def collapse_to_huge_pages() -> int:
+def collapse_to_huge_pages() -> tuple[int, str]:
     """Back the template's private anonymous memory (the interpreter's heap and arenas, the
     data stack's buffers) with transparent huge pages, now that it holds what every child
     inherits: each fork then copies a page-table entry per 2 MiB instead of per 4 KiB, and each
-    child's exit frees as few. Returns the bytes collapsed; where the kernel refuses (older
-    than 6.1, THP disabled), nothing changes."""
+    child's exit frees as few. Returns the bytes collapsed and why some were not (the last
+    refusal); where the kernel refuses (older than 6.1, THP disabled, gVisor), nothing
+    changes."""
     _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    done = 0
+    done, refused = 0, ""
     with open("/proc/self/maps") as maps:
         lines = maps.readlines()
     for line in lines:
@@ -239,10 +243,102 @@ def collapse_to_huge_pages() -> int:
         lo, hi = -(-lo // _HUGE) * _HUGE, hi // _HUGE * _HUGE
         if hi <= lo:
             continue
-        if _libc.madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:
-            if _libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
-                done += hi - lo
-    return done
+        for advice, name in ((MADV_HUGEPAGE, "MADV_HUGEPAGE"), (MADV_COLLAPSE, "MADV_COLLAPSE")):
+            if _libc.madvise(lo, hi - lo, advice) != 0:
+                refused = f"madvise({name}): {os.strerror(ctypes.get_errno())}"
+                break
+        else:
+            done += hi - lo
+    return done, refused
+
+
+@contextlib.contextmanager
+def acting_as(uid: int | None) -> Iterator[None]:
+    """Act with `uid` as effective uid (the real and saved uids stay the template's), for a kill
+    or a removal. A Docker template keeps only CAP_SETUID and CAP_SETGID: it reaches a run's
+    processes and files as their owner does, not through CAP_KILL or CAP_DAC_OVERRIDE. The
+    run cannot signal or trace the template meanwhile: those checks look at its real and saved
+    uids."""
+    previous = os.geteuid()
+    if uid is None or uid == previous:
+        yield
+        return
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(previous)
+
+
+def remove_tree(path: str) -> None:
+    """Remove `path` and everything under it, whoever owns what, without CAP_DAC_OVERRIDE:
+    each directory is opened up (owner bits only: others keep the access they had, which is
+    how they reached what they put inside) and emptied acting as its owner, each entry removed
+    acting as the owner of its directory (who may, sticky bit or not). Errors are ignored, as
+    rmtree's ignore_errors=True would: what cannot be removed stays. Iterative: a run may nest
+    deep."""
+    try:
+        top = os.lstat(path)
+        above = os.lstat(os.path.dirname(path) or ".").st_uid
+    except OSError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        _remove_entry(path, False, above)
+        return
+    todo = [(path, top.st_uid, above)]  # directories to empty: (path, owner, parent's owner)
+    emptied: list[tuple[str, int]] = []
+    while todo:
+        directory, owner, parent_owner = todo.pop()
+        try:
+            with acting_as(owner):
+                mode = stat.S_IMODE(os.lstat(directory).st_mode)
+                if mode & 0o700 != 0o700:
+                    os.chmod(directory, mode | 0o700)
+                entries = [(e.path, e.stat(follow_symlinks=False)) for e in os.scandir(directory)]
+        except OSError:
+            continue
+        emptied.append((directory, parent_owner))
+        for entry, st in entries:
+            if stat.S_ISDIR(st.st_mode):
+                todo.append((entry, st.st_uid, owner))
+            else:
+                _remove_entry(entry, False, owner)
+    for directory, parent_owner in reversed(emptied):  # children before their parents
+        _remove_entry(directory, True, parent_owner)
+
+
+def _remove_entry(path: str, is_dir: bool, parent_owner: int) -> None:
+    try:
+        with acting_as(parent_owner):
+            (os.rmdir if is_dir else os.unlink)(path)
+    except OSError:
+        pass
+
+
+_FIRST_RUN_UID = 10_000  # below: the image's users (the kernels' sandbox user is 1000)
+
+
+def fit_uid_range(base: int, count: int) -> int:
+    """`base` when the uids and gids base .. base+count-1 exist in this user namespace; else
+    a random base where they do, above the image's own users (a container of an engine with
+    userns-remap has 65536 ids, not 2**32)."""
+    extents = []
+    for kind in ("uid", "gid"):
+        with open(f"/proc/self/{kind}_map") as f:
+            extents.append([(int(first), int(n)) for first, _, n in map(str.split, f)])
+
+    def fits(b: int) -> bool:
+        return all(any(lo <= b and b + count <= lo + n for lo, n in ext) for ext in extents)
+
+    if fits(base):
+        return base
+    lo, n = max(extents[0], key=lambda extent: extent[1])
+    room = n - _FIRST_RUN_UID - count
+    for _ in range(100) if room > 0 else ():
+        candidate = lo + _FIRST_RUN_UID + int.from_bytes(os.urandom(4), "big") % room
+        if fits(candidate):
+            return candidate
+    raise SystemExit(f"kernelbox-forkserver: no {count} uids and gids free in this namespace")
 
 
 def _random_name(n: int = 8) -> str:
@@ -299,6 +395,8 @@ class Config:
     isolate: bool = False
     hide_dir: str = ""
     tmp_bytes: int = 64 * 1024**2
+    #: whether orphans of runs become the template's children (not in gVisor)
+    subreaper: bool = True
 
 
 @dataclass
@@ -347,14 +445,90 @@ def _received_fds(ancdata: list) -> list[int]:
     return fds
 
 
+def _processes() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _stat_field(pid: int, index: int) -> int | None:
+    """Numeric field `index` after the command in /proc/PID/stat (1: ppid, 4: session), or
+    None for a process that is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[index])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _real_uid(pid: int) -> int | None:
+    """The real uid of a live process (None: gone, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        if status.get("State", "").split()[:1] == ["Z"]:
+            return None
+        return int(status["Uid"].split()[0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _wait_gone(pid: int, deadline: float) -> None:
+    while _stat_field(pid, 1) is not None and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 # -- the child ---------------------------------------------------------------------------------
 
 
+# SysV IPC (and POSIX message queues): objects that outlive processes and that all runs of a
+# container share, so a later run with a reused uid could attach to an earlier one's. Runs
+# with uids of their own get ENOSYS from the calls that create or find them. (Docker's sysctls
+# in forkserver.NO_SYSV_IPC say the same under runc; gVisor ignores sysctls.)
+_IPC_CALLS = {
+    0xC000003E: (29, 64, 68, 240),  # AUDIT_ARCH_X86_64: shmget semget msgget mq_open ...
+    0x40000003: (117, 393, 395, 399, 277),  # ... i386 on it: ipc semget shmget msgget mq_open
+    0xC00000B7: (194, 190, 186, 180),  # AUDIT_ARCH_AARCH64: shmget semget msgget mq_open
+}
+_X32 = 0x40000000  # x32 system calls: the x86_64 numbers with this bit, same arch
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def deny_ipc() -> None:
+    """Install the seccomp filter described at _IPC_CALLS in this process (and its children)."""
+    ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | 38  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO|ENOSYS
+    ops: list[list[int]] = []
+    to_deny: list[int] = []
+    for arch, calls in _IPC_CALLS.items():
+        numbers = [*calls, *(n | _X32 for n in calls)] if arch == 0xC000003E else list(calls)
+        ops += [[ld, 0, 0, 4], [jeq, 0, len(numbers) + 2, arch], [ld, 0, 0, 0]]  # arch? nr
+        for nr in numbers:
+            to_deny.append(len(ops))
+            ops.append([jeq, 0, 0, nr])
+        ops.append([ret, 0, 0, allow])
+    ops += [[ret, 0, 0, allow], [ret, 0, 0, deny]]
+    for i in to_deny:
+        ops[i][1] = len(ops) - 1 - (i + 1)  # jump to the last instruction: deny
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in ops))
+    prog = _SockFprog(len(ops), ctypes.addressof(code))
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter refused")
+
+
 def _become(uid: int | None) -> None:
-    """Session of its own; with a uid, drop every privilege for good (no capabilities left)."""
+    """Session of its own; with a uid, drop every privilege for good (no capabilities left)
+    and lose SysV IPC."""
     os.setsid()
     if uid is not None:
         become(uid, uid)
+        deny_ipc()
     # Set after the uid change (which clears it): the run dies with the template.
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -734,7 +908,7 @@ class Template:
         if idle.init is not None:
             os.kill(idle.init, signal.SIGKILL)
         if idle.workdir is not None:
-            shutil.rmtree(idle.workdir, ignore_errors=True)
+            remove_tree(idle.workdir)
 
     def _idle_child(self, chan: socket.socket, workdir: str | None = None) -> None:
         """In a pre-forked child: wait for a run, then become it. With --isolate, first make
@@ -765,27 +939,30 @@ class Template:
         self.sel.unregister(run.conn)
         run.conn.close()
         run.conn = None  # type: ignore[assignment]
-        self._kill_group(run.pid)
+        self._kill_group(run.pid, run.uid)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for run in self.runs.values():
             if run.status is None and not run.timed_out and now >= run.deadline:
                 run.timed_out = True
-                self._kill_group(run.pid)
+                self._kill_group(run.pid, run.uid)
         for pid, run in list(self.helpers.items()):
             if now >= run.helper_deadline:
-                self._kill_group(pid)
+                self._kill_group(pid, run.uid)
 
     @staticmethod
-    def _kill_group(pid: int) -> None:
+    def _kill_group(pid: int, uid: int | None) -> None:
         """Kill a run's (or helper's) process group, and the process itself, in case it has
-        not made its own group yet."""
-        for kill in (os.killpg, os.kill):
-            try:
-                kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        not made its own group yet: as the template while it may still be the template's
+        uid (setting up), as the run's uid once it has dropped to it."""
+        for as_uid in dict.fromkeys([None, uid]):
+            with acting_as(as_uid):
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
 
     def _reap(self) -> None:
         while True:
@@ -806,7 +983,7 @@ class Template:
             # else: an orphan a run left behind, now gone
 
     def _run_ended(self, run: Run) -> None:
-        self._kill_group(run.pid)
+        self._kill_group(run.pid, run.uid)
         if run.init is not None:  # and with its PID 1, whatever the run left in its namespace
             os.kill(run.init, signal.SIGKILL)
         else:
@@ -824,7 +1001,7 @@ class Template:
 
     def _finish(self, run: Run) -> None:
         if run.helper is not None:
-            self._kill_group(run.helper)
+            self._kill_group(run.helper, run.uid)
         self._remove_files(run)
         if run.conn is not None:
             code = os.waitstatus_to_exitcode(run.status or 0)
@@ -853,57 +1030,44 @@ class Template:
                 return [int(p) for p in f.read().split()]
         except OSError:
             pass
-        found = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as f:
-                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.me:
-                            found.append(int(name))
-                except (OSError, ValueError, IndexError):
-                    continue
-        return found
+        return [pid for pid in _processes() if _stat_field(pid, 1) == self.me]
 
     def _left_by(self, pid: int, run: Run, sessions: set[int]) -> bool:
-        """Whether `pid`, a child of ours that is no live run or helper, belongs to `run`."""
-        try:
-            if run.uid is not None:
-                with open(f"/proc/{pid}/status") as f:
-                    for line in f:
-                        if line.startswith("Uid:"):
-                            return int(line.split()[1]) == run.uid
-                return False
-            with open(f"/proc/{pid}/stat") as f:
-                sid = int(f.read().rsplit(")", 1)[1].split()[4])
-        except (OSError, ValueError, IndexError):
-            return False
+        """Whether `pid`, no live run or helper, is a live process that belongs to `run`."""
+        if run.uid is not None:
+            return _real_uid(pid) == run.uid
         # Same user on the local backend: a process is this run's if it is in its session,
         # or in no live run's session (it escaped with setsid, or its run is over).
-        return sid == run.pid or sid not in sessions
+        sid = _stat_field(pid, 4)
+        return sid is not None and (sid == run.pid or sid not in sessions)
 
     def _sweep_processes(self, run: Run) -> None:
         """Kill what the run left running. Orphans of a run become our children (subreaper);
-        killing one orphans its own children to us, so repeat until none is left."""
+        killing one orphans its own children to us, so repeat until none is left. Without a
+        subreaper (gVisor) they become PID 1's: found by the run's uid among all processes,
+        and reaped by PID 1 (tini)."""
         for _ in range(100):
             live = {r.pid for r in self.runs.values() if r.status is None}
             live |= set(self.helpers) | {idle.pid for idle in self.idle}
-            victims = [p for p in self._children() if p not in live and self._left_by(p, run, live)]
+            candidates = self._children() if self.cfg.subreaper else _processes()
+            victims = [p for p in candidates if p not in live and self._left_by(p, run, live)]
             if not victims:
                 return
-            for pid in victims:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            with acting_as(run.uid):
+                for pid in victims:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             for pid in victims:
                 try:
                     os.waitpid(pid, 0)
-                except ChildProcessError:
-                    pass
+                except ChildProcessError:  # not ours: wait until PID 1 has it
+                    _wait_gone(pid, time.monotonic() + 1.0)
         _log(f"run {run.pid}: processes still left after 100 sweeps")
 
     def _remove_files(self, run: Run) -> None:
-        shutil.rmtree(run.workdir, ignore_errors=True)
+        remove_tree(run.workdir)
         if run.uid is None:
             return
         # Shared writable directories (/tmp, /dev/shm): whatever this uid made there goes.
@@ -914,13 +1078,8 @@ class Template:
                 continue
             for entry in entries:
                 try:
-                    st = entry.stat(follow_symlinks=False)
-                    if st.st_uid != run.uid:
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        os.unlink(entry.path)
+                    if entry.stat(follow_symlinks=False).st_uid == run.uid:
+                        remove_tree(entry.path)
                 except OSError:
                     continue
 
@@ -928,16 +1087,16 @@ class Template:
         for idle in self.idle:
             idle.chan.close()  # an idle child reads EOF and exits
         for run in list(self.runs.values()):
-            self._kill_group(run.pid)
-        for pid in list(self.helpers):
-            self._kill_group(pid)
+            self._kill_group(run.pid, run.uid)
+            self._sweep_processes(run)
+            remove_tree(run.workdir)
+        for pid, run in list(self.helpers.items()):
+            self._kill_group(pid, run.uid)
         for pid in self._children():
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
-        for run in list(self.runs.values()):
-            shutil.rmtree(run.workdir, ignore_errors=True)
 
 
 # -- start-up ----------------------------------------------------------------------------------
@@ -1047,7 +1206,14 @@ def main(argv: list[str]) -> None:
         die_with_parent(int(parent))
     if want_netns:
         unshare_network()
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        subreaper = True
+    except OSError as exc:
+        if not args.uid_base:
+            raise  # without uids of their own, a run's orphans are known only as children
+        _log(f"no child subreaper ({exc}): processes left by a run are found by its uid")
+        subreaper = False
 
     preload([m.strip() for m in modules])
     # Our environment becomes the children's: without what only the interpreter's start
@@ -1062,23 +1228,27 @@ def main(argv: list[str]) -> None:
     gc.freeze()
     gc.disable()
     if huge:
-        _log(f"{collapse_to_huge_pages() >> 20} MiB on huge pages")
+        collapsed, refused = collapse_to_huge_pages()
+        _log(f"{collapsed >> 20} MiB on huge pages" + (f"; refused: {refused}" if refused else ""))
 
     os.makedirs(args.runs, exist_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        os.unlink(args.socket)
-    except FileNotFoundError:
-        pass
-    listener.bind(args.socket)
-    # The directory holding the socket is what keeps runs away from it; the service may be
-    # another uid than the template (a root template in a container of a non-root service).
-    os.chmod(args.socket, 0o666 if args.uid_base else 0o600)
+    # The directory holding the socket is what keeps runs away from it: the service's 0700
+    # runtime directory, which a Docker template (no CAP_DAC_OVERRIDE) enters as its owner,
+    # so the socket is the service's own too.
+    with acting_as(os.stat(os.path.dirname(args.socket) or ".").st_uid):
+        try:
+            os.unlink(args.socket)
+        except FileNotFoundError:
+            pass
+        listener.bind(args.socket)
+        os.chmod(args.socket, 0o600)
     listener.listen(1024)
     listener.setblocking(False)
+    uid_base = fit_uid_range(args.uid_base, args.slots) if args.uid_base else None
     cfg = Config(
         runs_dir=args.runs,
-        uid_base=args.uid_base or None,
+        uid_base=uid_base,
         slots=args.slots,
         rlimits=rlimits,
         nproc=nproc,
@@ -1089,6 +1259,7 @@ def main(argv: list[str]) -> None:
         isolate=args.isolate,
         hide_dir=os.path.dirname(args.socket),
         tmp_bytes=args.tmp_bytes,
+        subreaper=subreaper,
     )
     _log(f"ready: {len(modules)} modules preloaded, serving {args.socket}")
     Template(cfg, listener).serve()

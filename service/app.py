@@ -58,6 +58,7 @@ def build_backend(settings: Settings) -> KernelBackend:
             image=settings.image,
             runtime_root=settings.data_dir / "run",
             host_paths=host_paths,
+            runtime=settings.docker_runtime,
         )
     from sandbox.backends.local import LocalBackend
 

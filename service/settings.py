@@ -80,12 +80,15 @@ class Settings(BaseSettings):
 
     # docker backend
     image: str = "kernelbox-kernel:latest"
+    # the engine's OCI runtime for kernels and fork-server templates, e.g. "runsc" (gVisor);
+    # default: the engine's own default (runc). See sandbox/backends/docker_runtime.py
+    docker_runtime: str | None = None
     # data_dir's path on the Docker engine's host, for a service in a container that cannot
     # find it by inspecting its own container (default: found that way; see
     # sandbox/backends/hostpath.py)
     host_data_dir: Path | None = None
 
-    @field_validator("host_data_dir", "api_key_file", mode="before")
+    @field_validator("host_data_dir", "api_key_file", "docker_runtime", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # docker-compose.yml passes unset variables as empty strings

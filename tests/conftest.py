@@ -18,6 +18,7 @@ from sandbox.backends.local import LocalBackend
 
 IMAGE = os.environ.get("KERNELBOX_IMAGE", "kernelbox-kernel:latest")
 REQUIRE_DOCKER = os.environ.get("KERNELBOX_REQUIRE_DOCKER") == "1"
+DOCKER_RUNTIME = os.environ.get("KERNELBOX_DOCKER_RUNTIME") or None
 
 
 def docker_unavailable_reason() -> str | None:
@@ -36,7 +37,19 @@ def docker_unavailable_reason() -> str | None:
     return None
 
 
+# Node ids of the tests marked `docker`: CI selects them with `-m docker` to run them again
+# under another runtime, so a test that reaches the engine unmarked is an error.
+_DOCKER_MARKED: set[str] = set()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _DOCKER_MARKED.update(item.nodeid for item in items if item.get_closest_marker("docker"))
+
+
 def require_docker() -> None:
+    current = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    if current and current not in _DOCKER_MARKED:
+        pytest.fail(f"{current} uses the Docker engine but is not marked pytest.mark.docker")
     reason = docker_unavailable_reason()
     if reason is None:
         return
@@ -52,11 +65,11 @@ def make_backend(name: str, config: KernelConfig | None = None) -> KernelBackend
         require_docker()
         from sandbox.backends.docker import DockerBackend
 
-        return DockerBackend(config, image=IMAGE)
+        return DockerBackend(config, image=IMAGE, runtime=DOCKER_RUNTIME)
     raise ValueError(name)
 
 
-@pytest.fixture(scope="session", params=["local", "docker"])
+@pytest.fixture(scope="session", params=["local", pytest.param("docker", marks=pytest.mark.docker)])
 def backend_name(request) -> str:
     if request.param == "docker":
         require_docker()

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IMAGE, require_docker
+from tests.conftest import DOCKER_RUNTIME, IMAGE, require_docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 
@@ -249,6 +249,9 @@ def test_code_runs_through_the_sdk(deployment):
             "[n for _, n in socket.if_nameindex()])"
         )
         assert probe.stdout.strip() == "False ['lo']", probe
+        # Kernels run under the runtime asked for (KERNELBOX_DOCKER_RUNTIME, through compose).
+        runtimes = {k.attrs["HostConfig"]["Runtime"] for k in deployment.kernels()}
+        assert runtimes == {DOCKER_RUNTIME or "runc"}, runtimes
     assert figure.startswith(b"\x89PNG\r\n\x1a\n") and len(figure) > 1000
     assert saved.startswith(b"\x89PNG\r\n\x1a\n") and len(saved) > 1000
 

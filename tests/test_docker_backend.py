@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ import pytest
 
 from sandbox.backends.base import KernelConfig, Limits
 from sandbox.session import KernelSession
-from tests.conftest import IMAGE, require_docker
+from tests.conftest import DOCKER_RUNTIME, IMAGE, require_docker
 
 pytestmark = pytest.mark.docker
 
@@ -37,7 +38,9 @@ async def dbackend():
     require_docker()
     from sandbox.backends.docker import DockerBackend
 
-    backend = DockerBackend(KernelConfig(limits=LIMITS), image=IMAGE, tmp_bytes=TMP_BYTES)
+    backend = DockerBackend(
+        KernelConfig(limits=LIMITS), image=IMAGE, tmp_bytes=TMP_BYTES, runtime=DOCKER_RUNTIME
+    )
     yield backend
     await backend.close()
 
@@ -157,15 +160,73 @@ async def test_host_files_and_service_secrets_are_invisible(dbackend, workdir, m
     assert "environ has secret: True" not in out
 
 
-async def test_non_root_no_capabilities_read_only_root(session):
+async def test_kernel_cannot_touch_the_service_or_other_sessions(dbackend, session, tmp_path):
+    """The isolation checks, under whichever runtime the backend has: the service's process
+    (signals, its command line and environment), another session's files and connection file,
+    the host's loopback ports, and what one kernel plants for the next one to find."""
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    (other_dir / "secret.txt").write_text("other session's secret")
+    other = await KernelSession.start(dbackend, other_dir)
+    listener = socket.create_server(("127.0.0.1", 0))  # a loopback port of the host
+    try:
+        await run_ok(
+            other,
+            """
+            import subprocess
+            open("/tmp/planted", "w").write("x")
+            open("/dev/shm/planted", "w").write("x")
+            planted_process = subprocess.Popen(["sleep", "600"])
+            planted_variable = 1
+            """,
+        )
+        other_conn = other.kernel.proc.runtime_dir / "connection.json"
+        me = os.getpid()
+        out = await run_ok(
+            session,
+            f"""
+            import os, signal, socket
+            def attempt(fn):
+                try:
+                    fn()
+                    return "ALLOWED"
+                except OSError as exc:
+                    return type(exc).__name__
+            print("signal", attempt(lambda: os.kill({me}, signal.SIGTERM)))
+            cmdlines = [open(f"/proc/{{p}}/cmdline", "rb").read()
+                        for p in os.listdir("/proc") if p.isdigit()]
+            print("service seen", any(b"pytest" in c or b"kernelbox" in c and b"serve" in c
+                                      for c in cmdlines), len(cmdlines) <= 3)
+            for path in ({str(other_dir / "secret.txt")!r}, {str(other_conn)!r}):
+                print("open", attempt(lambda: open(path).read()))
+            print("loopback", attempt(lambda: socket.create_connection(
+                ("127.0.0.1", {listener.getsockname()[1]}), timeout=2)))
+            print("planted", [p for p in ("/tmp/planted", "/dev/shm/planted") if os.path.exists(p)],
+                  any(b"sleep" in c for c in cmdlines), "planted_variable" in globals())
+            """,
+        )
+    finally:
+        listener.close()
+        await other.close()
+    assert "signal ProcessLookupError" in out  # the service's pid does not exist in there
+    assert "service seen False True" in out  # tini, the kernel and, briefly, nothing else
+    assert out.count("open FileNotFoundError") == 2
+    assert "loopback ConnectionRefusedError" in out  # its own loopback, with nothing on it
+    assert "planted [] False False" in out
+
+
+async def test_non_root_no_capabilities_read_only_root(dbackend, session):
     out = await run_ok(
         session,
         """
         import os
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))
         print("uid", os.getuid(), os.geteuid(), "gid", os.getgid())
+        # gVisor has no ambient set (and no line for it): nothing to raise, nothing to check.
         for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"):
-            print(key, int(status[key].strip(), 16))
+            print(key, int(status.get(key, "0").strip(), 16))
+        root = [line.split()[5] for line in open("/proc/self/mountinfo") if line.split()[4] == "/"]
+        print("root mount", root[-1].split(",")[0])
         for path in ("/x", "/etc/x", "/opt/venv/x", "/home/sandbox/x"):
             try:
                 open(path, "w")
@@ -181,9 +242,13 @@ async def test_non_root_no_capabilities_read_only_root(session):
     assert "uid 0" not in out
     for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert f"{key} 0\n" in out
-    assert "NoNewPrivs 1" in out
+    assert "NoNewPrivs 1" in out or dbackend.runtime.gvisor  # gVisor does not show it
+    assert "root mount ro\n" in out
     assert "WROTE" not in out
-    assert out.count("Read-only file system") == 4
+    # gVisor checks permissions first: only /home/sandbox, which the image's user owns, says
+    # EROFS there.
+    owns_home = dbackend.user[0] == 1000
+    assert out.count("Read-only file system") == (owns_home if dbackend.runtime.gvisor else 4)
     assert "writable: workdir, /tmp" in out
 
 
@@ -197,9 +262,13 @@ async def test_container_is_configured_as_promised(dbackend, session):
     assert "no-new-privileges" in host["SecurityOpt"]
     assert host["Memory"] == host["MemorySwap"] == LIMITS.memory_bytes
     assert host["NanoCpus"] == 1_000_000_000
-    assert host["PidsLimit"] == LIMITS.pids
     ulimits = {u["Name"]: u["Soft"] for u in host["Ulimits"]}
     assert ulimits["fsize"] == LIMITS.file_size_bytes and ulimits["nofile"] == 256
+    gvisor = dbackend.runtime.gvisor
+    assert host["Runtime"] == dbackend.runtime.name
+    # gVisor: the cgroup counts the sandbox's host threads; the code's processes are NPROC.
+    assert host["PidsLimit"] == (dbackend.runtime.host_pids(LIMITS.pids) if gvisor else LIMITS.pids)
+    assert ulimits.get("nproc") == (LIMITS.pids if gvisor else None)
     assert f"size={TMP_BYTES}" in host["Tmpfs"]["/tmp"]
     assert attrs["Config"]["Labels"]["kernelbox.instance"] == dbackend.instance
     assert attrs["Config"]["User"] in ("1000:1000", f"{os.getuid()}:{os.getgid()}")
@@ -208,11 +277,12 @@ async def test_container_is_configured_as_promised(dbackend, session):
     inside = json.loads((proc.runtime_dir / "connection.json").read_text())
     assert inside["ip"] == "/run/kernelbox/k"
     assert inside["key"] == proc.connection_info["key"]
-    # ...and the limits are those the kernel actually lives under (cgroup v1 or v2).
+    # ...and the limits are those the kernel actually lives under: its cgroup (v1 or v2); in
+    # gVisor, which shows no cgroup, its memory and its process limit.
     out = await run_ok(
         session,
         """
-        import os
+        import os, resource
         def first(*paths):
             for p in paths:
                 if os.path.exists(p):
@@ -220,10 +290,17 @@ async def test_container_is_configured_as_promised(dbackend, session):
         print("mem", first("/sys/fs/cgroup/memory.max",
                            "/sys/fs/cgroup/memory/memory.limit_in_bytes"))
         print("pids", first("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"))
+        print("memtotal", [int(l.split()[1]) * 1024 for l in open("/proc/meminfo")
+                           if l.startswith("MemTotal:")][0])
+        print("nproc", resource.getrlimit(resource.RLIMIT_NPROC)[0])
         """,
     )
-    assert f"mem {LIMITS.memory_bytes}" in out
-    assert f"pids {LIMITS.pids}" in out
+    if gvisor:
+        assert f"memtotal {LIMITS.memory_bytes}" in out
+        assert f"nproc {LIMITS.pids}" in out
+    else:
+        assert f"mem {LIMITS.memory_bytes}" in out
+        assert f"pids {LIMITS.pids}" in out
 
 
 async def test_kernel_cannot_swap_its_sockets(dbackend, session):
@@ -249,6 +326,96 @@ async def test_kernel_cannot_swap_its_sockets(dbackend, session):
     )
     assert "DID" not in out and out.count("refused") == 3
     assert (await run_ok(session, "print('still connected')")).strip() == "still connected"
+
+
+def test_image_has_no_setuid_or_setgid_file():
+    # Kernels run with no-new-privileges; a runtime or an operator that lets it go must still
+    # find no way back to root in the image (Dockerfile.kernel strips every such bit).
+    require_docker()
+    found = docker_client().containers.run(
+        IMAGE,
+        ["/", "-xdev", "-perm", "/6000"],
+        entrypoint="find",
+        user="0:0",
+        network_mode="none",
+        remove=True,  # (the engine's default runtime: the image is what is checked)
+    )
+    assert found.decode() == ""
+
+
+def plant_null_device(path: Path) -> None:
+    """A /dev/null node anyone may write: the device cgroup allows it in every container."""
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chmod(path, 0o666)  # whatever the umask took
+
+
+@pytest.fixture
+def nosuid_fs(tmp_path):
+    """A fresh tmpfs mounted nosuid,nodev, as the service gives sessions when it is root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a nosuid,nodev filesystem takes root")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    options = "nosuid,nodev,size=16m,mode=0755"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(fs)], check=True)
+    yield fs
+    subprocess.run(["umount", "--lazy", str(fs)], check=True)
+
+
+async def test_mounts_keep_the_hosts_nosuid_nodev(nosuid_fs):
+    """A working directory and runtime root on a nosuid,nodev filesystem stay so in the
+    container: a bind mount must not bring setuid or device files back. Under runc the flags
+    show in the kernel's mountinfo; gVisor shows none (it never honours setuid bits), and for
+    both a device node planted by the host (code has no CAP_MKNOD) cannot be opened, as it
+    could be from a bind mount of a plain filesystem."""
+    require_docker()
+    from sandbox.backends.docker import DockerBackend
+
+    workdir = nosuid_fs / "work"
+    workdir.mkdir()
+    plant_null_device(workdir / "null")
+    backend = DockerBackend(
+        KernelConfig(limits=LIMITS),
+        image=IMAGE,
+        runtime=DOCKER_RUNTIME,
+        runtime_root=nosuid_fs / "rt",
+    )
+    try:
+        session = await KernelSession.start(backend, workdir)
+        try:
+            plant_null_device(session.kernel.proc.runtime_dir / "null")
+            out = await run_ok(
+                session,
+                """
+                for line in open("/proc/self/mountinfo"):
+                    fields = line.split()
+                    if fields[4] in ("/home/sandbox/work", "/run/kernelbox"):
+                        print(fields[4], "options", fields[5])
+                for node in ("/home/sandbox/work/null", "/run/kernelbox/null"):
+                    try:
+                        open(node, "w").write("x")
+                        print("OPENED", node)
+                    except OSError as exc:
+                        print("refused", node, exc.strerror)
+                """,
+            )
+        finally:
+            await session.close()
+    finally:
+        await backend.close()
+    assert "OPENED" not in out and out.count("refused") == 2, out
+    if not backend.runtime.gvisor:
+        for target in ("/home/sandbox/work", "/run/kernelbox"):
+            options = out.split(f"{target} options ")[1].split()[0].split(",")
+            assert {"nosuid", "nodev"} <= set(options), out
+
+
+async def test_a_runtime_the_engine_lacks_is_refused_at_start():
+    require_docker()
+    from sandbox.backends.docker import DockerBackend
+
+    with pytest.raises(RuntimeError, match="no runtime 'kernelbox-no-such-runtime'"):
+        DockerBackend(image=IMAGE, runtime="kernelbox-no-such-runtime")
 
 
 async def test_memory_of_a_kernel_is_measured(session):
@@ -352,8 +519,8 @@ async def test_disk_filling_stops_at_limits(session):
     )
     assert result.status == "error"
     assert "No space left on device" in result.error.value
-    # The root is read-only.
-    result = await run(session, "open('/fill', 'wb').write(b'x')")
+    # The root is read-only (also where the kernel's user owns a directory).
+    result = await run(session, "open('/home/sandbox/fill', 'wb').write(b'x')")
     assert result.status == "error" and "Read-only file system" in result.error.value
     # And the session carries on (and can free the space).
     out = await run_ok(
@@ -455,7 +622,7 @@ async def test_close_removes_every_container(workdir, tmp_path):
     require_docker()
     from sandbox.backends.docker import DockerBackend
 
-    backend = DockerBackend(KernelConfig(limits=LIMITS), image=IMAGE)
+    backend = DockerBackend(KernelConfig(limits=LIMITS), image=IMAGE, runtime=DOCKER_RUNTIME)
     second = tmp_path / "second"
     second.mkdir()
     procs = [await backend.start(workdir), await backend.start(second)]

@@ -46,6 +46,7 @@ import psutil
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig, Mount, Ulimit
 
+from . import docker_runtime
 from .base import (
     SANDBOX_RUNTIME,
     SANDBOX_WORKDIR,
@@ -267,8 +268,21 @@ class DockerKernel(KernelProcess):
             os.chmod(self.runtime_dir, 0o755)
 
     def memory_pss(self) -> int | None:
-        """Proportional set size of everything in the container, from the host's /proc."""
-        return None if self.host_pid is None else tree_pss(self.host_pid)
+        """Proportional set size of everything in the container, from the host's /proc: tini
+        and the kernel (runc); the Sentry, its stubs and its gofer (runsc: the whole sandbox,
+        which is what it costs; gVisor keeps the code's memory in a file the Sentry maps)."""
+        if self.host_pid is None:
+            return None
+        pids = [self.host_pid]
+        with contextlib.suppress(psutil.Error):  # the gofer is a sibling, in the same cgroup
+            siblings = psutil.Process(self.host_pid).parent().children()
+            pids += [
+                p.pid
+                for p in siblings
+                if p.pid != self.host_pid and _in_cgroup_of(p.pid, self.container_id)
+            ]
+        sizes = [tree_pss(pid) for pid in pids]
+        return None if sizes[0] is None else sum(size or 0 for size in sizes)
 
     def log_tail(self, max_chars: int = 2000) -> str:
         # Sync by contract (used on error paths); after removal the last copy is kept.
@@ -310,17 +324,13 @@ class DockerBackend(KernelBackend):
         max_workers: int = 16,
         reap: bool = True,
         host_paths: HostPaths | None = None,
+        runtime: str | None = None,
     ) -> None:
         super().__init__(config)
         self.image = image
         self.instance = uuid.uuid4().hex
         self.tmp_bytes = tmp_bytes
         self.log_bytes = log_bytes
-        if user is None:
-            user = SANDBOX_UID_GID if os.geteuid() == 0 else (os.geteuid(), os.getegid())
-        self.user = user
-        self._chown = user != (os.geteuid(), os.getegid())
-        self.file_owner = user if self._chown else None
         self.client = client or docker.from_env(max_pool_size=max_workers + 2)
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="kernelbox-docker")
         self._kernels: dict[str, DockerKernel] = {}
@@ -335,6 +345,10 @@ class DockerBackend(KernelBackend):
                 f"`scripts/build-kernel-image.sh {image}` (or `make image`)"
             ) from None
         _warn_if_stale(image, found.labels or {})
+        info = self.client.info()
+        #: the OCI runtime of kernels (None: the engine's default), checked now: a runtime
+        #: without what kernels need fails here with what to put in daemon.json
+        self.runtime = docker_runtime.check(info, runtime)
 
         # Socket paths must stay short, hence a fresh directory under /tmp by default. A given
         # runtime_root may be shared by backends and outlive them: each has its own lock file.
@@ -348,6 +362,21 @@ class DockerBackend(KernelBackend):
         # here, with a clear message, not at the first kernel start.
         self.host_paths = host_paths or HostPaths.detect(self.client)
         self.host_paths.to_host(self.runtime_root)
+        #: what a container's uid and gid are shifted by, as this service sees files: not
+        #: (0, 0) under the engine's userns-remap for a service not remapped alike
+        self.id_shift = docker_runtime.userns_shift(info)
+        if user is None:
+            user = SANDBOX_UID_GID if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+        self.user = user  # as the container sees it
+        owner = self.host_ids(*user)
+        self._chown = owner != (os.geteuid(), os.getegid())
+        if self._chown and self.id_shift != (0, 0) and os.geteuid() != 0:
+            raise RuntimeError(
+                "the Docker engine remaps user namespaces (userns-remap): a kernel's files "
+                f"belong to uid {owner[0]} on the host, which only a root service can give them; "
+                "run the service as root"
+            )
+        self.file_owner = owner if self._chown else None
         # Held for the life of this backend: while it is held, our containers are not orphans.
         # flock is released by the kernel when the process dies, however it dies.
         self._lock_path = self.runtime_root / f"owner-{self.instance}.lock"
@@ -459,9 +488,15 @@ class DockerBackend(KernelBackend):
         try:
             await self._call(container.start)
             state = (await self._call(kernel._inspect))["State"]
-        except BaseException:
+        except BaseException as exc:
             await kernel.kill()
             await kernel.cleanup()
+            if isinstance(exc, APIError) and self.runtime.gvisor and self.id_shift != (0, 0):
+                raise RuntimeError(
+                    f"{exc}. gVisor under the engine's userns-remap: runsc 2022-12 cannot "
+                    "remount a container's root read-only in a user namespace; run kernels "
+                    "under runc with userns-remap, or under runsc without it"
+                ) from exc
             raise
         pid = state.get("Pid") or None
         # The engine's pid is the host's: meaningless in a service that runs in a container
@@ -469,8 +504,12 @@ class DockerBackend(KernelBackend):
         kernel.host_pid = pid if pid and _in_cgroup_of(pid, kernel.container_id) else None
         return kernel
 
+    def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """The host's ids for a container's `uid` and `gid` (see `id_shift`)."""
+        return uid + self.id_shift[0], gid + self.id_shift[1]
+
     def _give_to_kernel(self, workdir: Path, runtime_dir: Path) -> None:
-        uid, gid = self.user
+        uid, gid = self.host_ids(*self.user)
         os.chown(runtime_dir, uid, gid)
         os.chown(runtime_dir / "connection.json", uid, gid)
         # lchown and no following of symlinks: the kernel may have planted links to host files.
@@ -517,7 +556,9 @@ class DockerBackend(KernelBackend):
             # kernel containers it is CPU shares that decide (1024 is everyone's default).
             limits["cpu_shares"] = 256
         if lim.pids is not None:
-            limits["pids_limit"] = int(lim.pids)
+            limits["pids_limit"] = self.runtime.host_pids(int(lim.pids))
+            if self.runtime.gvisor:  # per sandbox there (see docker_runtime.py)
+                ulimits.append(Ulimit(name="nproc", soft=int(lim.pids), hard=int(lim.pids)))
         uid, gid = self.user
         return {
             "image": self.image,
@@ -553,6 +594,7 @@ class DockerBackend(KernelBackend):
                 type="json-file", config={"max-size": str(self.log_bytes), "max-file": "1"}
             ),
             **limits,
+            "runtime": self.runtime.name,
         }
 
     # -- deaths ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import IMAGE, require_docker
+from tests.conftest import DOCKER_RUNTIME, IMAGE, require_docker
 from tests.server import free_port
 
 ATTACKER = "attacker-key-0123456789"
@@ -161,6 +161,7 @@ def start_service(backend: str, data_dir: Path, **env: str) -> Service:
         "KERNELBOX_BACKEND": backend,
         "KERNELBOX_PORT": str(port),
         "KERNELBOX_DATA_DIR": str(data_dir),
+        **({"KERNELBOX_DOCKER_RUNTIME": DOCKER_RUNTIME} if DOCKER_RUNTIME else {}),
         **env,
     }
     proc = subprocess.Popen(
@@ -190,7 +191,7 @@ def stop_service(service: Service) -> None:
             service.proc.wait()
 
 
-@pytest.fixture(scope="session", params=["local", "docker"])
+@pytest.fixture(scope="session", params=["local", pytest.param("docker", marks=pytest.mark.docker)])
 def service(request) -> Iterator[Service]:
     if request.param == "docker":
         require_docker()
