@@ -1236,7 +1236,8 @@ def main(argv: list[str]) -> None:
     # The directory holding the socket is what keeps runs away from it: the service's 0700
     # runtime directory, which a Docker template (no CAP_DAC_OVERRIDE) enters as its owner,
     # so the socket is the service's own too.
-    with acting_as(os.stat(os.path.dirname(args.socket) or ".").st_uid):
+    owner = os.stat(os.path.dirname(args.socket) or ".").st_uid if args.uid_base else None
+    with acting_as(owner):
         try:
             os.unlink(args.socket)
         except FileNotFoundError:

@@ -13,60 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox.backends.base import KernelBackend, KernelConfig
-from sandbox.backends.local import LocalBackend
-
-IMAGE = os.environ.get("KERNELBOX_IMAGE", "kernelbox-kernel:latest")
-REQUIRE_DOCKER = os.environ.get("KERNELBOX_REQUIRE_DOCKER") == "1"
-DOCKER_RUNTIME = os.environ.get("KERNELBOX_DOCKER_RUNTIME") or None
-
-
-def docker_unavailable_reason() -> str | None:
-    """Why Docker tests cannot run here, or None when they can."""
-    try:
-        import docker
-
-        client = docker.from_env()
-        client.ping()
-    except Exception as exc:
-        return f"no Docker engine reachable ({exc.__class__.__name__}: {exc})"
-    try:
-        client.images.get(IMAGE)
-    except Exception:
-        return f"kernel image {IMAGE} is not built (run `make image`)"
-    return None
-
-
-# Node ids of the tests marked `docker`: CI selects them with `-m docker` to run them again
-# under another runtime, so a test that reaches the engine unmarked is an error.
-_DOCKER_MARKED: set[str] = set()
+from tests.support import _DOCKER_MARKED, make_backend, require_docker
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Node ids of the tests marked `docker`, for require_docker (see tests/support.py).
     _DOCKER_MARKED.update(item.nodeid for item in items if item.get_closest_marker("docker"))
-
-
-def require_docker() -> None:
-    current = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
-    if current and current not in _DOCKER_MARKED:
-        pytest.fail(f"{current} uses the Docker engine but is not marked pytest.mark.docker")
-    reason = docker_unavailable_reason()
-    if reason is None:
-        return
-    if REQUIRE_DOCKER:
-        pytest.fail(f"KERNELBOX_REQUIRE_DOCKER=1 but {reason}")
-    pytest.skip(reason)
-
-
-def make_backend(name: str, config: KernelConfig | None = None) -> KernelBackend:
-    if name == "local":
-        return LocalBackend(config)
-    if name == "docker":
-        require_docker()
-        from sandbox.backends.docker import DockerBackend
-
-        return DockerBackend(config, image=IMAGE, runtime=DOCKER_RUNTIME)
-    raise ValueError(name)
 
 
 @pytest.fixture(scope="session", params=["local", pytest.param("docker", marks=pytest.mark.docker)])

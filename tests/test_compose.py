@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import DOCKER_RUNTIME, IMAGE, require_docker
+from tests.support import DOCKER_RUNTIME, IMAGE, require_docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(900)]
 

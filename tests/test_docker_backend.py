@@ -23,7 +23,7 @@ import pytest
 
 from sandbox.backends.base import KernelConfig, Limits
 from sandbox.session import KernelSession
-from tests.conftest import DOCKER_RUNTIME, IMAGE, require_docker
+from tests.support import DOCKER_RUNTIME, IMAGE, require_docker
 
 pytestmark = pytest.mark.docker
 

@@ -15,7 +15,7 @@ from sandbox.backends.base import KernelConfig, Limits
 from sandbox.backends.local import LocalBackend
 from sandbox.errors import SessionBusy
 from sandbox.session import KernelSession, SessionOptions
-from tests.conftest import make_backend
+from tests.support import make_backend
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import sandbox_fusion as sf
 
-from tests.conftest import require_docker
 from tests.server import running_server
+from tests.support import require_docker
 
 KEY = "sf-test-key"
 

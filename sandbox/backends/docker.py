@@ -32,6 +32,8 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,6 +48,7 @@ import psutil
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig, Mount, Ulimit
 
+from ..files import give_tree
 from . import docker_runtime
 from .base import (
     SANDBOX_RUNTIME,
@@ -64,6 +67,7 @@ from .local import BOOT_SCRIPT, boot_env, describe_exit, kernel_env, tree_pss
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE = "kernelbox-kernel:latest"
+REAPER_SCRIPT = Path(__file__).with_name("docker_reaper.py")
 
 # Paths inside the container (see Dockerfile.kernel).
 CONTAINER_WORKDIR = SANDBOX_WORKDIR
@@ -403,6 +407,23 @@ class DockerBackend(KernelBackend):
             target=self._watch_deaths, name="kernelbox-docker-events", daemon=True
         )
         self._watcher.start()
+        self._reaper = self._start_reaper(client is None)
+
+    def _start_reaper(self, own_client: bool) -> subprocess.Popen | None:
+        """The watcher that removes our containers if this process dies without closing
+        (docker_reaper.py): in a session of its own, so that nothing aimed at the service's
+        process group reaches it. Only with a client made from the environment, which the
+        watcher makes again."""
+        if not own_client:
+            return None
+        return subprocess.Popen(
+            # -P: not its own directory first on sys.path, where docker.py would shadow docker-py
+            [sys.executable, "-P", str(REAPER_SCRIPT), str(self._lock_path), self.instance],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -512,15 +533,10 @@ class DockerBackend(KernelBackend):
         uid, gid = self.host_ids(*self.user)
         os.chown(runtime_dir, uid, gid)
         os.chown(runtime_dir / "connection.json", uid, gid)
-        # lchown and no following of symlinks: the kernel may have planted links to host files.
-        for root, dirs, files in os.walk(workdir):
-            for name in [*dirs, *files]:
-                path = os.path.join(root, name)
-                with contextlib.suppress(OSError):
-                    st = os.lstat(path)
-                    if (st.st_uid, st.st_gid) != (uid, gid):
-                        os.lchown(path, uid, gid)
-        os.chown(workdir, uid, gid)
+        # Through directory descriptors, never a link (the kernel may have planted links to
+        # host files), iteratively (its tree may be thousands of levels deep).
+        if not give_tree(workdir, (uid, gid)):
+            log.warning("%s: too many entries to give them all to the kernel", workdir)
 
     def _container_args(
         self, kernel_id: str, workdir: Path | None, runtime_dir: Path, extra: dict[str, str]
@@ -789,4 +805,7 @@ class DockerBackend(KernelBackend):
                 self._lock_path.unlink()
             with contextlib.suppress(OSError):  # shared with other backends: only if empty
                 self.runtime_root.rmdir()
-        os.close(self._lock_fd)
+        os.close(self._lock_fd)  # the reaper takes the lock, finds nothing, and ends
+        if self._reaper is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self._reaper.wait, 30)

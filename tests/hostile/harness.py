@@ -31,8 +31,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import DOCKER_RUNTIME, IMAGE, require_docker
 from tests.server import free_port
+from tests.support import DOCKER_RUNTIME, IMAGE, require_docker
 
 ATTACKER = "attacker-key-0123456789"
 BYSTANDER = "bystander-key-9876543210"
