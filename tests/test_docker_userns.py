@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DOCKER_RUNTIME, IMAGE, require_docker
 
 from sandbox.backends.base import KernelConfig, Limits
 from sandbox.forkserver import ForkServer, ForkServerOptions, RunRequest
 from sandbox.session import KernelSession
+from tests.support import DOCKER_RUNTIME, IMAGE, require_docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
