@@ -570,7 +570,9 @@ from sandbox.backends.docker import DockerBackend
 
 async def main():
     root = Path(sys.argv[3]) if len(sys.argv) > 3 else None
-    backend = DockerBackend(image=sys.argv[1], runtime_root=root)
+    # No watcher: what is left when it too is gone (a crash of the host, of the service's
+    # container) is for the next backend to find.
+    backend = DockerBackend(image=sys.argv[1], runtime_root=root, orphan_watcher=False)
     proc = await backend.start(Path(sys.argv[2]))
     print(proc.container_id, flush=True)
     time.sleep(3600)
@@ -616,6 +618,26 @@ async def test_containers_of_a_killed_service_are_removed_by_the_next_backend(
             child.kill()
             await child.wait()
     assert (await run_ok(session, "print('alive')")).strip() == "alive"
+
+
+async def test_a_killed_owners_containers_are_removed_by_its_watcher(dbackend, workdir):
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD.replace(", orphan_watcher=False", ""), IMAGE, str(workdir),
+        cwd=REPO, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        orphan = (await asyncio.wait_for(child.stdout.readline(), 60)).decode().strip()
+        assert orphan and _container_exists(orphan)
+        child.kill()  # SIGKILL: no clean-up code runs, and no other backend starts
+        await asyncio.wait_for(child.wait(), 10)
+        deadline = time.monotonic() + 30
+        while _container_exists(orphan):
+            assert time.monotonic() < deadline, "the watcher did not remove the container"
+            await asyncio.sleep(0.2)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
 
 
 async def test_close_removes_every_container(workdir, tmp_path):

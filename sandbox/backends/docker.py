@@ -329,6 +329,7 @@ class DockerBackend(KernelBackend):
         reap: bool = True,
         host_paths: HostPaths | None = None,
         runtime: str | None = None,
+        orphan_watcher: bool = True,
     ) -> None:
         super().__init__(config)
         self.image = image
@@ -407,7 +408,7 @@ class DockerBackend(KernelBackend):
             target=self._watch_deaths, name="kernelbox-docker-events", daemon=True
         )
         self._watcher.start()
-        self._reaper = self._start_reaper(client is None)
+        self._reaper = self._start_reaper(orphan_watcher and client is None)
 
     def _start_reaper(self, own_client: bool) -> subprocess.Popen | None:
         """The watcher that removes our containers if this process dies without closing
