@@ -57,3 +57,25 @@ def make_backend(name: str, config: KernelConfig | None = None) -> KernelBackend
 
         return DockerBackend(config, image=IMAGE, runtime=DOCKER_RUNTIME)
     raise ValueError(name)
+
+
+_CMDLINES = """
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        print(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+    except OSError:
+        pass
+"""
+
+
+def container_cmdlines(container) -> list[str]:
+    """The command lines of a container's processes, as the container sees them (gVisor's
+    processes are not the host's); none for a container that is gone or going."""
+    import docker
+
+    try:
+        ran = container.exec_run(["/opt/venv/bin/python", "-c", _CMDLINES], user="0")
+    except (docker.errors.NotFound, docker.errors.APIError):  # removed, or removing (409)
+        return []
+    return ran.output.decode(errors="replace").splitlines()

@@ -138,6 +138,17 @@ class Service:
         except psutil.Error:
             return []
 
+    @property
+    def gvisor(self) -> bool:
+        """Kernels under gVisor: their processes and FIFOs are not the host's to see."""
+        return self.backend == "docker" and DOCKER_RUNTIME == "runsc"
+
+    def workdir_of(self, sid: str) -> Path:
+        """A session's working directory, as the host sees it."""
+        found = list(self.data_dir.glob(f"instance-*/{sid}/work"))
+        assert len(found) == 1, found
+        return found[0]
+
     def containers(self) -> list:
         if self.backend != "docker":
             return []

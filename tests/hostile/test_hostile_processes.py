@@ -9,6 +9,7 @@ import time
 import psutil
 
 from tests.hostile.harness import Service, execute, new_session
+from tests.support import container_cmdlines
 
 ESCAPE = """
 import subprocess
@@ -19,17 +20,15 @@ subprocess.Popen(['sh', '-c', 'setsid sh -c "sleep {mark} & sleep {mark}.5" &'],
 
 
 def _sleepers(service: Service, mark: str) -> list:
-    """Processes running `sleep MARK...`, wherever the backend runs them."""
+    """Processes running `sleep MARK...`, wherever the backend runs them (in a container: as
+    the container sees them, gVisor's processes not being the host's)."""
     if service.backend == "docker":
-        found = []
-        for container in service.containers():
-            try:
-                top = container.top(ps_args="-eo pid,args")
-            except Exception:
-                continue
-            rows = top.get("Processes") or []
-            found += [row for row in rows if row[-1].startswith(f"sleep {mark}")]
-        return found
+        return [
+            line
+            for container in service.containers()
+            for line in container_cmdlines(container)
+            if line.startswith(f"sleep {mark}")
+        ]
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
