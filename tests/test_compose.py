@@ -271,8 +271,8 @@ def test_service_runs_as_a_user_with_no_capabilities(deployment):
 def test_sigterm_removes_the_kernels(deployment):
     service = deployment.service()
     deployment.new_session()
-    kernels = deployment.kernels(service.id)
-    assert len(kernels) >= 2, kernels  # the session's and a warm one
+    # the session's and a warm one (the pool refills in the background)
+    assert wait_for(lambda: len(deployment.kernels(service.id)) >= 2, 60), deployment.kernels()
     deployment.compose("stop")  # SIGTERM: a graceful shutdown
     # Removed by the service before it exited (the engine may still be finishing a removal).
     assert wait_for(lambda: deployment.kernels(service.id) == [], 5), deployment.kernels()

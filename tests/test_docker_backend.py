@@ -582,7 +582,9 @@ asyncio.run(main())
 
 
 def _container_exists(container_id: str) -> bool:
-    return bool(docker_client().containers.list(all=True, filters={"id": container_id}))
+    # The low-level listing: the high-level one inspects each container found, which fails
+    # when the watcher removes it in between.
+    return bool(docker_client().api.containers(all=True, filters={"id": container_id}))
 
 
 @pytest.mark.parametrize("shared_root", [False, True], ids=["own-root", "shared-root"])

@@ -29,6 +29,8 @@ import httpx
 import psutil
 import pytest
 
+from sandbox.files import FileIO
+from sandbox.workdirs import Workdirs
 from service.app import create_app
 from service.auth import owner_of
 from service.settings import Settings
@@ -715,6 +717,10 @@ def test_everything_a_kernel_started_dies_with_a_killed_service(backend, tmp_pat
                 time.sleep(0.2)
         left = _processes_with(marker, present=False)
         assert left == [], f"still running after the service was killed: {left}"
+        # Its working directories (mounted filesystems, when root) are the next start's to
+        # remove: the same clean-up a service runs on its data directory at start-up.
+        assert asyncio.run(_next_start_removes_stale(tmp_path)), "nothing was left to remove"
+        assert not [m for m in _mount_points() if m.startswith(str(tmp_path))]
     finally:
         if service.poll() is None:
             service.kill()
@@ -723,6 +729,19 @@ def test_everything_a_kernel_started_dies_with_a_killed_service(backend, tmp_pat
             proc.kill()
         if backend == "docker":
             _remove_containers_of(service.pid)
+
+
+async def _next_start_removes_stale(data_dir: Path) -> list[Path]:
+    workdirs = Workdirs(data_dir, FileIO(), disk_bytes=None, mount="never")
+    try:
+        return await workdirs.remove_stale()
+    finally:
+        await workdirs.close()
+
+
+def _mount_points() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f]
 
 
 @dataclasses.dataclass
