@@ -8,6 +8,11 @@
 The client needs only httpx and pydantic; the service is the `server` extra.
 """
 
+from kernelbox_wire.events import EndEvent, ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
+from kernelbox_wire.models import ErrorInfo, Execution, FileEntry, Image, RenderOptions, Result
+from kernelbox_wire.models import Session as SessionInfo
+from kernelbox_wire.tools import CODE_INTERPRETER_TOOL, TOOL_NAME
+
 from .async_client import AsyncClient, AsyncExecutionStream, AsyncSession
 from .client import Client, ExecutionStream, Session
 from .errors import (
@@ -28,11 +33,7 @@ from .errors import (
     SessionNotFound,
     Unauthorized,
 )
-from .events import EndEvent, ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
-from .models import ErrorInfo, Execution, FileEntry, Image, RenderOptions, Result
-from .models import Session as SessionInfo
 from .rendering import render
-from .tools import CODE_INTERPRETER_TOOL, TOOL_NAME
 
 __version__ = "0.1.0"
 

@@ -21,9 +21,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import TypeAdapter
 
-from . import errors
-from .events import EndEvent, ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
-from .models import (
+from kernelbox_wire.events import EndEvent, ErrorEvent, Event, ResultEvent, StderrEvent, StdoutEvent
+from kernelbox_wire.models import (
     ErrorInfo,
     Execution,
     FileEntry,
@@ -33,7 +32,9 @@ from .models import (
     Session,
     ToolCallResponse,
 )
-from .tools import TOOL_NAME
+from kernelbox_wire.tools import TOOL_NAME
+
+from . import errors
 
 T = TypeVar("T")
 

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
+from kernelbox_wire.events import ErrorEvent, ResultEvent, StderrEvent, StdoutEvent
+from kernelbox_wire.models import Envelope, ErrorInfo, Execution, Result, Style
+
 from .client import Client, Session
 from .errors import KernelboxError
-from .events import ErrorEvent, ResultEvent, StderrEvent, StdoutEvent
-from .models import Envelope, ErrorInfo, Execution, Result, Style
 from .rendering import render
 
 FORMATS = [*get_args(Style), *get_args(Envelope), "json"]

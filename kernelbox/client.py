@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 
 import httpx
 
+from kernelbox_wire.events import Event
+from kernelbox_wire.models import ErrorInfo, Execution, FileEntry, Format, Image, Result
+from kernelbox_wire.models import Session as SessionInfo
+
 from . import _core as core
 from .errors import SessionNotFound, raise_for_execution
-from .events import Event
-from .models import ErrorInfo, Execution, FileEntry, Format, Image, Result
-from .models import Session as SessionInfo
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ import builtins
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .models import Execution
+    from kernelbox_wire.models import Execution
 
 
 class KernelboxError(Exception):

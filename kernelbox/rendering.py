@@ -1,15 +1,12 @@
-"""Render an `Execution` for a model locally, with the very code the service uses.
-
-`sandbox.render` is pure (stdlib and the wire models), so importing it pulls in nothing of
-the engine. It is imported when first used: `sandbox.render` imports `kernelbox.models`, and
-the service imports it before `kernelbox`.
-"""
+"""Render an `Execution` for a model locally, with the very code the service uses
+(`kernelbox_wire.render`, pure: stdlib and the wire models)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .models import Envelope, Execution, Format, RenderOptions, Style, render_options
+from kernelbox_wire.models import Envelope, Execution, Format, RenderOptions, Style, render_options
+from kernelbox_wire.render import render_message
 
 
 def render(
@@ -33,8 +30,6 @@ def render(
         render(execution, envelope="tool_response")        # <tool_response>...</tool_response>
         render(execution, "openai", tool_call_id=call.id)  # {"role": "tool", ...}
     """
-    from sandbox.render import render_message
-
     options = render_options(format if format is not None else envelope)
     overrides = {
         "style": style,

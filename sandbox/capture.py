@@ -19,11 +19,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernelbox.models import ErrorInfo, Execution, ExecutionStatus, Image, OutputRef, Result
+from kernelbox_wire.models import ErrorInfo, Execution, ExecutionStatus, Image, OutputRef, Result
+from kernelbox_wire.text import clean_text, collapse_cr, strip_ansi, truncation_marker
 
 from . import files
 from .kernel import Budget, ProtocolError
-from .text import clean_text, collapse_cr, strip_ansi, truncation_marker
 
 log = logging.getLogger(__name__)
 

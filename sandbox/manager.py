@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kernelbox.models import Execution, Session
+from kernelbox_wire.models import Execution, Session
 
 from .errors import PoolExhausted, SessionNotFound
 from .files import FileLimits

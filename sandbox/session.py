@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernelbox.models import ErrorInfo, Execution
+from kernelbox_wire.models import ErrorInfo, Execution
 
 from . import files as session_files
 from . import quota

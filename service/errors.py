@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from kernelbox.models import ErrorBody, ErrorDetail
+from kernelbox_wire.models import ErrorBody, ErrorDetail
 from sandbox.errors import (
     KernelStartError,
     PoolExhausted,

@@ -12,8 +12,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 
-from kernelbox.models import ErrorBody, ErrorDetail, Execution, Format, render_options
-from sandbox.render import image_base64, render_text
+from kernelbox_wire.models import ErrorBody, ErrorDetail, Execution, Format, render_options
+from kernelbox_wire.render import image_base64, render_text
 from sandbox.session import OnEvent
 
 from .errors import ENGINE_ERRORS, ApiError

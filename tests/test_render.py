@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 
-from kernelbox.models import ErrorInfo, Execution, Image, OutputRef, RenderOptions, Result
-from sandbox.render import render_message, render_text
+from kernelbox_wire.models import ErrorInfo, Execution, Image, OutputRef, RenderOptions, Result
+from kernelbox_wire.render import render_message, render_text
 
 PNG = base64.b64encode(b"\x89PNG fake").decode()
 

@@ -1,6 +1,7 @@
 """The ways models ask for code to run: each dialect has its prompt, stop strings, parser and
-insertion (PRODUCT.md, "Agent loop"; formats from the Qwen templates, Qwen-Agent, ToRL and
-modelscope-agent, see docs/agent.md).
+insertion (formats from the Qwen templates, Qwen-Agent, ToRL and modelscope-agent, see
+docs/agent.md). What a dialect inserts is the rendering's own envelope (kernelbox_wire.envelopes),
+plus the line breaks that let generation continue.
 
 A dialect sees the text the model wrote since the last insertion (`segment`, which ends where
 generation stopped, the stop string itself excluded as servers return it) and answers:
@@ -15,7 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..tools import CODE_INTERPRETER_TOOL, TOOL_NAME, InvalidArguments, extract_code
+from kernelbox_wire.envelopes import ENVELOPES
+from kernelbox_wire.tools import CODE_INTERPRETER_TOOL, TOOL_NAME, InvalidArguments, extract_code
 
 
 @dataclass
@@ -51,7 +53,7 @@ def _loads(text: str) -> Any:
 class Dialect:
     name: str = ""
     stop: tuple[str, ...] = ()
-    # Which body style the inserted result uses (sandbox.render: "qwen" or "plain").
+    # Which body style the inserted result uses (kernelbox_wire.render: "qwen" or "plain").
     style: str = "qwen"
     # Chat dialects call the model with native tools and role "tool" messages instead.
     native_tools: bool = False
@@ -134,7 +136,7 @@ class Hermes(Dialect):
 
     def insertion(self, segment: str, stopped_at: str | None, body: str) -> str:
         close = "" if segment.rstrip().endswith("</tool_call>") else "</tool_call>"
-        return f"{close}\n<tool_response>\n{body}\n</tool_response>\n"
+        return f"{close}\n{ENVELOPES['tool_response'].wrap(body)}\n"
 
 
 # -- tir --------------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ class Tir(Dialect):
 
     def insertion(self, segment: str, stopped_at: str | None, body: str) -> str:
         lead = "" if segment.endswith("\n") else "\n"
-        return f"{lead}```output\n{body}\n```\n"
+        return lead + ENVELOPES["output_block"].wrap(body)
 
 
 # -- react ------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ class React(Dialect):
 
     def insertion(self, segment: str, stopped_at: str | None, body: str) -> str:
         lead = "" if segment.endswith("\n") else "\n"
-        return f"{lead}Observation: <result>{body}</result>\n"
+        return f"{lead}{ENVELOPES['react'].wrap(body)}\n"
 
     def answer(self, text: str) -> str:
         text = super().answer(text)
@@ -274,7 +276,7 @@ class QwenFn(Dialect):
 
     def insertion(self, segment: str, stopped_at: str | None, body: str) -> str:
         lead = "" if segment.endswith("\n") else "\n"
-        return f"{lead}{FN_RESULT}: {body}\n{FN_EXIT}"
+        return lead + ENVELOPES["qwen_fn"].wrap(body)
 
     def answer(self, text: str) -> str:
         return super().answer(text).lstrip(":").strip()

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ..models import Execution
+from kernelbox_wire.models import Execution
 
 
 class TextEvent(BaseModel):

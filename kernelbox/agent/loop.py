@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from sandbox.render import render_body
+from kernelbox_wire.models import ErrorInfo, Execution, OutputRef, RenderOptions
+from kernelbox_wire.render import render_body
+from kernelbox_wire.tools import CODE_INTERPRETER_TOOL, InvalidArguments, extract_code
 
-from ..models import ErrorInfo, Execution, OutputRef, RenderOptions
-from ..tools import CODE_INTERPRETER_TOOL, InvalidArguments, extract_code
 from .dialects import Call, Delegate, Dialect, Malformed, get_dialect, last_python_block
 from .events import (
     AgentEvent,

@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from kernelbox.models import ExecuteRequest, Execution
+from kernelbox_wire.models import ExecuteRequest, Execution
 
 from .. import executions
 from ..auth import require_owner

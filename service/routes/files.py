@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
-from kernelbox.models import FileEntry
+from kernelbox_wire.models import FileEntry
 from sandbox import files
 from sandbox.files import SessionFiles
 

@@ -25,8 +25,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
-from kernelbox.models import Execution
-from kernelbox.sandboxfusion import (
+from kernelbox_wire.models import Execution
+from kernelbox_wire.sandboxfusion import (
     CellRunResult,
     CommandRunResult,
     CommandRunStatus,

@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from kernelbox.models import CreateSessionRequest, ExecuteRequest, Execution, Session
+from kernelbox_wire.models import CreateSessionRequest, ExecuteRequest, Execution, Session
 from sandbox.errors import SessionBusy
 from sandbox.manager import SessionManager
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from kernelbox.models import (
+from kernelbox_wire.models import (
     ErrorInfo,
     Execution,
     OutputRef,
@@ -15,8 +15,8 @@ from kernelbox.models import (
     ToolCallResponse,
     render_options,
 )
-from kernelbox.tools import CODE_INTERPRETER_TOOL, InvalidArguments, extract_code
-from sandbox.render import render_message
+from kernelbox_wire.render import render_message
+from kernelbox_wire.tools import CODE_INTERPRETER_TOOL, InvalidArguments, extract_code
 
 from .. import executions
 from ..auth import require_owner

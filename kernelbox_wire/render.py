@@ -1,4 +1,4 @@
-"""Model-ready text from an `Execution`: body styles and envelopes (PRODUCT.md, "Renderings").
+"""Model-ready text from an `Execution`: body styles and envelopes (docs/renderings.md).
 
 Pure functions over the wire model (no kernel, no HTTP), so the client SDK renders locally
 with exactly the same code the service uses.
@@ -16,8 +16,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from kernelbox.models import Execution, RenderOptions
-
+from .envelopes import wrap
+from .models import Execution, RenderOptions
 from .text import strip_ansi, truncate_middle
 
 NOTHING_TEXT = "Finished execution."
@@ -96,19 +96,6 @@ def render_body(execution: Execution, options: RenderOptions | None = None) -> s
     if options.style == "plain":
         return render_plain(execution, options.max_chars)
     return render_qwen(execution, options.max_chars)
-
-
-def wrap(body: str, envelope: str) -> str:
-    """The text envelopes: what the model sees around the body in its own dialect."""
-    if envelope == "tool_response":
-        return f"<tool_response>\n{body}\n</tool_response>"
-    if envelope == "output_block":
-        return f"```output\n{body}\n```\n"
-    if envelope == "react":
-        return f"Observation: <result>{body}</result>"
-    if envelope == "qwen_fn":
-        return f"✿RESULT✿: {body}\n✿RETURN✿"
-    return body
 
 
 def render_text(execution: Execution, options: RenderOptions | None = None) -> str:

@@ -78,7 +78,7 @@ class Execution(_Model):
 
 
 class RenderOptions(_Model):
-    """How an `Execution` becomes model-ready text (see `sandbox.render`)."""
+    """How an `Execution` becomes model-ready text (see `kernelbox_wire.render`)."""
 
     style: Style = "qwen"
     envelope: Envelope = "text"
