@@ -92,7 +92,7 @@ ENTRYPOINT ["/usr/bin/tini", "--", "/opt/kernelbox/entrypoint.sh"]
 CMD ["serve"]
 
 # --- The project (changes most often: last, two steps) ------------------------------------------
-# The context is exactly what .dockerignore lets through: pyproject.toml, README.md, the three
+# The context is exactly what .dockerignore lets through: pyproject.toml, README.md, the four
 # packages and the entrypoint. The import check proves the lean dependency set is enough.
 COPY . /opt/kernelbox/src/
 RUN set -eu; \
