@@ -22,8 +22,8 @@ from typing import Any
 
 from kernelbox_wire.models import Execution, Session
 
-from .errors import PoolExhausted, SessionNotFound
-from .files import FileLimits
+from .errors import PoolExhausted, SessionBusy, SessionNotFound
+from .files import FileLimits, SessionFiles
 from .pool import KernelPool, WarmKernel
 from .session import KernelSession, OnEvent, SessionOptions
 
@@ -187,6 +187,24 @@ class SessionManager:
             return await managed.session.execute(code, timeout, on_event)
         finally:
             managed.last_used_at = time.time()
+
+    def check_idle(self, session_id: str, owner: str) -> None:
+        """SessionBusy if the session is running code now (checked before a stream starts)."""
+        if self.get(session_id, owner).session.busy:
+            raise SessionBusy(f"session {session_id} is already running code")
+
+    async def interrupt(self, session_id: str, owner: str) -> bool:
+        """Interrupt running code (like Ctrl-C); whether any ran."""
+        return await self.get(session_id, owner).session.interrupt()
+
+    async def restart(self, session_id: str, owner: str) -> ManagedSession:
+        """A fresh kernel in the same working directory: variables are lost, files kept."""
+        managed = self.get(session_id, owner)
+        await managed.session.restart()
+        return managed
+
+    def files(self, session_id: str, owner: str) -> SessionFiles:
+        return self.get(session_id, owner).session.files
 
     # -- one-shot runs ----------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 
@@ -13,12 +14,14 @@ from kernelbox import __version__
 from sandbox.backends.base import KernelBackend, KernelConfig, Limits
 from sandbox.capture import CaptureLimits
 from sandbox.files import FileIO, FileLimits
+from sandbox.forkserver import ForkServer, ForkServerOptions
 from sandbox.manager import ManagerOptions, SessionManager
 from sandbox.pool import KernelPool
 from sandbox.session import SessionOptions
 from sandbox.workdirs import Workdirs
 
 from . import errors
+from .application import Application
 from .body_limit import BodyLimitMiddleware, limit_by_route
 from .metrics import Metrics
 from .routes import execute, files, health, sandboxfusion, sessions, tools
@@ -81,6 +84,12 @@ def check_isolation(settings: Settings, backend: KernelBackend) -> None:
         )
 
 
+def forkserver_options(settings: Settings) -> ForkServerOptions:
+    templates = settings.run_code_templates or min(os.cpu_count() or 1, 4)
+    preload = tuple(m.strip() for m in settings.run_code_preload.split(",") if m.strip())
+    return ForkServerOptions(templates=templates, slots=settings.run_code_slots, preload=preload)
+
+
 def manager_options(settings: Settings, run_slots: int) -> ManagerOptions:
     return ManagerOptions(
         max_sessions=settings.max_sessions,
@@ -105,6 +114,7 @@ def manager_options(settings: Settings, run_slots: int) -> ManagerOptions:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,9 +138,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             io.close()
             raise
         pool = KernelPool(backend, workdirs, min_idle=settings.min_idle)
-        run_slots = sandboxfusion.forkserver_options(settings).total_slots
-        manager = SessionManager(pool, manager_options(settings, run_slots))
-        app.state.manager = manager
+        fork_options = forkserver_options(settings)
+        manager = SessionManager(pool, manager_options(settings, fork_options.total_slots))
+        forkserver = ForkServer(backend, fork_options)  # its templates start on first use
+        app.state.application = Application(settings, manager, forkserver, metrics)
         manager.start()
         log.info(
             "kernelbox ready: %s backend, %d warm kernels wanted", backend.name, settings.min_idle
@@ -140,7 +151,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             # Graceful shutdown: every kernel stops, nothing is left behind.
             try:
-                await manager.close()
+                try:
+                    await forkserver.close()
+                finally:
+                    await manager.close()
             finally:
                 await backend.close()
                 io.close()
@@ -156,7 +170,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limit_for=limit_by_route(settings.max_body_bytes, settings.max_file_bytes),
     )
     app.state.settings = settings
-    app.state.metrics = Metrics()
     errors.install(app)
     app.include_router(health.router)
     app.include_router(sessions.router)

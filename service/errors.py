@@ -21,6 +21,8 @@ from sandbox.errors import (
 )
 from sandbox.files import FileOpTimeout, FileTooLarge, UnsafePath
 
+from .application import CodeTooLarge
+
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
@@ -37,7 +39,7 @@ _HTTP_CODES = {
 }
 
 
-# The engine's errors, as the HTTP contract names them.
+# The engine's (and the application layer's) errors, as the HTTP contract names them.
 ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
     SessionNotFound: (404, "not_found"),
     SessionClosed: (404, "not_found"),
@@ -47,6 +49,7 @@ ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
     UnsafePath: (400, "bad_path"),
     FileTooLarge: (413, "too_large"),
     FileOpTimeout: (503, "file_timeout"),
+    CodeTooLarge: (413, "too_large"),
 }
 # System errors a file operation can meet that are the caller's (or the session's) to fix.
 OS_ERRORS: dict[int, tuple[int, str, str]] = {

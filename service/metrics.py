@@ -8,6 +8,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
+    generate_latest,
 )
 
 from sandbox.manager import SessionManager
@@ -40,8 +41,13 @@ class Metrics:
         )
         self._reaped_seen = 0
 
-    def sync(self, manager: SessionManager) -> None:
-        """Read what the engine counts; called at each scrape, the only time it is seen."""
+    def scrape(self, manager: SessionManager) -> bytes:
+        """The exposition text, with what the engine counts read now (the only time it is
+        seen)."""
+        self._sync(manager)
+        return generate_latest(self.registry)
+
+    def _sync(self, manager: SessionManager) -> None:
         self.sessions.set(manager.count)
         self.pool_idle.set(manager.pool.idle)
         self.reaped.inc(manager.reaped_total - self._reaped_seen)

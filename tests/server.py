@@ -32,7 +32,7 @@ class RunningServer:
 
     @property
     def manager(self):
-        return self.app.state.manager
+        return self.app.state.application.manager
 
     def client(self, key: str | None = None, timeout: float = 120) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from kernelbox_wire.models import ExecuteRequest, Execution
 
-from .. import executions
-from ..auth import require_owner
+from .. import streaming
+from ..deps import App, Owner
 
 router = APIRouter(tags=["execute"])
 
@@ -22,20 +20,13 @@ router = APIRouter(tags=["execute"])
         429: {"description": "Every slot is taken; see Retry-After"},
     },
 )
-async def execute_once(body: ExecuteRequest, request: Request, owner: str = Depends(require_owner)):
+async def execute_once(body: ExecuteRequest, request: Request, application: App, owner: Owner):
     """Stateless: nothing of this run is visible to any other. Images come back as data URLs."""
-    executions.check_code(request, body.code)
-    started = time.perf_counter()
-    mgr = request.app.state.manager
-
-    def finalize(execution: Execution) -> Execution:
-        return executions.finish(
-            request, execution, session_id=None, fmt=body.format, started=started
-        )
 
     def run(on_event):
-        return mgr.run_once(owner, body.code, body.timeout, on_event)
+        return application.run_once(owner, body, on_event=on_event)
 
-    if executions.wants_stream(request, body.stream):
-        return executions.stream(run, finalize)
-    return finalize(await run(None))
+    if streaming.wanted(request, body.stream):
+        application.check_code(body.code)  # 413 now, not inside an event stream
+        return streaming.stream(run)
+    return await run(None)

@@ -12,25 +12,21 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from kernelbox_wire.models import FileEntry
 from sandbox import files
 from sandbox.files import SessionFiles
 
-from ..auth import require_owner
+from ..deps import App, Owner
 from ..errors import ApiError
-from .sessions import ERRORS, manager
+from .sessions import ERRORS
 
 router = APIRouter(prefix="/v1/sessions/{session_id}/files", tags=["files"])
 
 BAD_PATH = {400: {"description": "Absolute path, '..', or a path through a symlink"}}
 CHUNK = 1024**2
-
-
-def _files(request: Request, session_id: str, owner: str) -> SessionFiles:
-    return manager(request).get(session_id, owner).session.files
 
 
 def _no_file(path: str, session_id: str) -> ApiError:
@@ -39,11 +35,11 @@ def _no_file(path: str, session_id: str) -> ApiError:
 
 @router.get("", response_model=list[FileEntry], responses=ERRORS)
 async def list_files(
-    session_id: str, request: Request, response: Response, owner: str = Depends(require_owner)
+    session_id: str, response: Response, application: App, owner: Owner
 ) -> list[FileEntry]:
     """Regular files, by path; at most 10,000 entries and 64 levels are looked at (the
     `X-Kernelbox-Truncated: true` header says some were left out)."""
-    listing = await _files(request, session_id, owner).list()
+    listing = await application.files(session_id, owner).list()
     if listing.truncated:
         response.headers["X-Kernelbox-Truncated"] = "true"
     return [
@@ -72,10 +68,10 @@ async def list_files(
     },
 )
 async def put_file(
-    session_id: str, path: str, request: Request, owner: str = Depends(require_owner)
+    session_id: str, path: str, request: Request, application: App, owner: Owner
 ) -> FileEntry:
     """Upload raw bytes; parent directories are created."""
-    target = _files(request, session_id, owner)
+    target = application.files(session_id, owner)
     files.split_relative(path)  # refuse bad paths before reading the body
     data = await request.body()  # at most max_file_bytes: see body_limit.py
     try:
@@ -92,11 +88,9 @@ async def put_file(
     responses={**ERRORS, **BAD_PATH, 200: {"content": {"application/octet-stream": {}}}},
     response_class=Response,
 )
-async def get_file(
-    session_id: str, path: str, request: Request, owner: str = Depends(require_owner)
-) -> Response:
+async def get_file(session_id: str, path: str, application: App, owner: Owner) -> Response:
     """The file's bytes, streamed as they are read (at most its size when it was opened)."""
-    source = _files(request, session_id, owner)
+    source = application.files(session_id, owner)
     try:
         fd, size = await source.open(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -133,11 +127,9 @@ async def _chunks(source: SessionFiles, fd: int, size: int) -> AsyncIterator[byt
 
 
 @router.delete("/{path:path}", status_code=204, responses={**ERRORS, **BAD_PATH})
-async def delete_file(
-    session_id: str, path: str, request: Request, owner: str = Depends(require_owner)
-) -> Response:
+async def delete_file(session_id: str, path: str, application: App, owner: Owner) -> Response:
     try:
-        await _files(request, session_id, owner).delete(path)
+        await application.files(session_id, owner).delete(path)
     except (FileNotFoundError, NotADirectoryError):
         raise _no_file(path, session_id) from None
     except IsADirectoryError:

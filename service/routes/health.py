@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..deps import App
 from ..errors import error_response
 
 router = APIRouter(tags=["health"])
@@ -17,16 +18,13 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "The pool cannot serve"}})
-async def readyz(request: Request):
+async def readyz(application: App):
     """The pool can serve a session now or soon (a backend that fails to start kernels is not)."""
-    pool = request.app.state.manager.pool
-    if pool.ready:
-        return {"status": "ready", "idle_kernels": pool.idle, "isolation": pool.backend.isolation}
-    return error_response(503, "not_ready", pool.last_error or "the pool is not ready")
+    if (why := application.not_ready()) is not None:
+        return error_response(503, "not_ready", why)
+    return application.readiness()
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    state = request.app.state
-    state.metrics.sync(state.manager)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(application: App) -> Response:
+    return Response(application.scrape(), media_type=CONTENT_TYPE_LATEST)

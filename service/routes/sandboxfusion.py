@@ -1,7 +1,7 @@
 """SandboxFusion-compatible `/run_code` and `/run_jupyter` (python only).
 
 Clients that speak SandboxFusion (its PyPI client, verl, SimpleTIR, ToRL) switch by changing
-one URL. Bodies and answers are SandboxFusion's own models (kernelbox/sandboxfusion.py); an
+one URL. Bodies and answers are SandboxFusion's own models (kernelbox_wire/sandboxfusion.py); an
 answer is HTTP 200 whatever the code did, as there. Where kernelbox differs on purpose:
 
 - `run_code` runs on a fork server (sandbox/forkserver.py): a fresh child of a template that
@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import os
-import time
-from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter
 
 from kernelbox_wire.models import Execution
 from kernelbox_wire.sandboxfusion import (
@@ -38,31 +34,12 @@ from kernelbox_wire.sandboxfusion import (
 )
 from sandbox import files as sandbox_files
 from sandbox.errors import KernelStartError, PoolExhausted
-from sandbox.forkserver import ForkServer, ForkServerError, ForkServerOptions, RunRequest
+from sandbox.forkserver import ForkServerError, RunRequest
 
-from .. import executions
-from ..auth import require_owner
+from ..deps import App, Owner
 from ..settings import Settings
 
-
-def forkserver_options(settings: Settings) -> ForkServerOptions:
-    templates = settings.run_code_templates or min(os.cpu_count() or 1, 4)
-    preload = tuple(m.strip() for m in settings.run_code_preload.split(",") if m.strip())
-    return ForkServerOptions(templates=templates, slots=settings.run_code_slots, preload=preload)
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # Runs inside the app's own lifespan, so the backend exists; templates start on first use.
-    forkserver = ForkServer(app.state.manager.pool.backend, forkserver_options(app.state.settings))
-    app.state.forkserver = forkserver
-    try:
-        yield
-    finally:
-        await forkserver.close()
-
-
-router = APIRouter(tags=["sandboxfusion"], lifespan=lifespan)
+router = APIRouter(tags=["sandboxfusion"])
 
 _RESPONSES = {401: {"description": "Missing or invalid API key"}}
 
@@ -96,8 +73,7 @@ def _checked_files(given: dict[str, str | None]) -> dict[str, str]:
     return out
 
 
-def _timeout(request: Request, value: float) -> float:
-    settings: Settings = request.app.state.settings
+def _timeout(settings: Settings, value: float) -> float:
     return min(max(float(value), 0.001), settings.max_timeout)
 
 
@@ -118,41 +94,30 @@ def _python_only(language: str) -> str:
 
 
 @router.post("/run_code", response_model=RunCodeResponse, responses=_RESPONSES)
-async def run_code(
-    body: RunCodeRequest, request: Request, owner: str = Depends(require_owner)
-) -> RunCodeResponse:
+async def run_code(body: RunCodeRequest, application: App, owner: Owner) -> RunCodeResponse:
     """Run `code` as a fresh python program: stdout, stderr, return code, files."""
     if body.language != "python":
         return _sandbox_error(_python_only(body.language))
-    executions.check_code(request, body.code)
+    application.check_code(body.code)
     try:
         files = _checked_files(body.files)
         fetch = [_checked_path(p, "fetch_files") for p in body.fetch_files]
     except _Refused as exc:
         return _sandbox_error(str(exc))
     limit = body.memory_limit_MB * 1024**2 if body.memory_limit_MB > 0 else None
-    forkserver: ForkServer = request.app.state.forkserver
-    started = time.perf_counter()
+    run = RunRequest(
+        code=body.code,
+        timeout=_timeout(application.settings, body.run_timeout),
+        stdin=body.stdin,
+        files=files,
+        fetch_files=fetch,
+        memory_bytes=limit,
+    )
     try:
-        async with request.app.state.manager.run_slot(owner):
-            result = await forkserver.run(
-                RunRequest(
-                    code=body.code,
-                    timeout=_timeout(request, body.run_timeout),
-                    stdin=body.stdin,
-                    files=files,
-                    fetch_files=fetch,
-                    memory_bytes=limit,
-                )
-            )
+        result = await application.run_program(owner, run)
     except (ForkServerError, PoolExhausted) as exc:
-        request.app.state.metrics.observe("error", time.perf_counter() - started)
         return _sandbox_error(str(exc))
     timed_out = result.status == "timeout"
-    request.app.state.metrics.observe(
-        "timeout" if timed_out else "ok" if result.exit_code == 0 else "error",
-        time.perf_counter() - started,
-    )
     return RunCodeResponse(
         status=RunStatus.Success if result.exit_code == 0 and not timed_out else RunStatus.Failed,
         message="",
@@ -169,23 +134,24 @@ async def run_code(
 
 @router.post("/run_jupyter", response_model=RunJupyterResponse, responses=_RESPONSES)
 async def run_jupyter(
-    body: RunJupyterRequest, request: Request, owner: str = Depends(require_owner)
+    body: RunJupyterRequest, application: App, owner: Owner
 ) -> RunJupyterResponse:
     """Run `cells` in order in one fresh kernel (taken warm from the pool, then discarded)."""
     for cell in body.cells:
-        executions.check_code(request, cell)
+        application.check_code(cell)
     try:
         files = _checked_files(dict(body.files))
         fetch = [_checked_path(p, "fetch_files") for p in body.fetch_files]
     except _Refused as exc:
         return RunJupyterResponse(status=RunStatus.SandboxError, message=str(exc))
-    total = body.total_timeout if body.total_timeout > 0 else request.app.state.settings.max_timeout
+    settings = application.settings
+    total = body.total_timeout if body.total_timeout > 0 else settings.max_timeout
     try:
-        run = await request.app.state.manager.run_notebook(
+        run = await application.run_notebook(
             owner,
             body.cells,
-            total_timeout=_timeout(request, total),
-            cell_timeout=_timeout(request, body.cell_timeout) if body.cell_timeout > 0 else None,
+            total_timeout=_timeout(settings, total),
+            cell_timeout=_timeout(settings, body.cell_timeout) if body.cell_timeout > 0 else None,
             files={path: base64.b64decode(content) for path, content in files.items()},
             fetch=fetch,
         )

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from kernelbox_wire.models import CreateSessionRequest, ExecuteRequest, Execution, Session
-from sandbox.errors import SessionBusy
-from sandbox.manager import SessionManager
 
-from .. import executions
-from ..auth import require_owner
+from .. import streaming
+from ..deps import App, BaseUrl, Owner
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -19,10 +15,6 @@ ERRORS = {
     401: {"description": "Missing or invalid API key"},
     404: {"description": "No such session (or not yours)"},
 }
-
-
-def manager(request: Request) -> SessionManager:
-    return request.app.state.manager
 
 
 @router.post(
@@ -36,34 +28,26 @@ def manager(request: Request) -> SessionManager:
     },
 )
 async def create_session(
-    request: Request, body: CreateSessionRequest | None = None, owner: str = Depends(require_owner)
+    application: App, owner: Owner, body: CreateSessionRequest | None = None
 ) -> Session:
     """A new stateful session, served from the warm pool."""
-    body = body or CreateSessionRequest()
-    managed = await manager(request).create(
-        owner, idle_timeout=body.idle_timeout, env=body.env, metadata=body.metadata
-    )
-    return managed.to_model()
+    return await application.create_session(owner, body or CreateSessionRequest())
 
 
 @router.get("", response_model=list[Session], responses=ERRORS)
-async def list_sessions(request: Request, owner: str = Depends(require_owner)) -> list[Session]:
-    return [m.to_model() for m in manager(request).list(owner)]
+async def list_sessions(application: App, owner: Owner) -> list[Session]:
+    return application.list_sessions(owner)
 
 
 @router.get("/{session_id}", response_model=Session, responses=ERRORS)
-async def get_session(
-    session_id: str, request: Request, owner: str = Depends(require_owner)
-) -> Session:
-    return manager(request).get(session_id, owner).to_model()
+async def get_session(session_id: str, application: App, owner: Owner) -> Session:
+    return application.get_session(session_id, owner)
 
 
 @router.delete("/{session_id}", status_code=204, responses=ERRORS)
-async def delete_session(
-    session_id: str, request: Request, owner: str = Depends(require_owner)
-) -> Response:
+async def delete_session(session_id: str, application: App, owner: Owner) -> Response:
     """Stop the kernel and remove the session's files."""
-    await manager(request).delete(session_id, owner)
+    await application.delete_session(session_id, owner)
     return Response(status_code=204)
 
 
@@ -82,43 +66,31 @@ async def delete_session(
     },
 )
 async def execute(
-    session_id: str, body: ExecuteRequest, request: Request, owner: str = Depends(require_owner)
+    session_id: str,
+    body: ExecuteRequest,
+    request: Request,
+    application: App,
+    owner: Owner,
+    base_url: BaseUrl,
 ):
     """Run code in the session; variables persist between calls."""
-    executions.check_code(request, body.code)
-    mgr = manager(request)
-    managed = mgr.get(session_id, owner)
-    started = time.perf_counter()
-
-    def finalize(execution: Execution) -> Execution:
-        return executions.finish(
-            request, execution, session_id=session_id, fmt=body.format, started=started
-        )
 
     def run(on_event):
-        return mgr.execute(session_id, owner, body.code, body.timeout, on_event)
+        return application.execute(session_id, owner, body, base_url=base_url, on_event=on_event)
 
-    if executions.wants_stream(request, body.stream):
-        if managed.session.busy:  # answer 409 now, not inside an event stream
-            raise SessionBusy(f"session {session_id} is already running code")
-        return executions.stream(run, finalize)
-    return finalize(await run(None))
+    if streaming.wanted(request, body.stream):
+        application.check_execute(session_id, owner, body.code)  # 413, 404, 409 now
+        return streaming.stream(run)
+    return await run(None)
 
 
 @router.post("/{session_id}/interrupt", responses=ERRORS)
-async def interrupt(
-    session_id: str, request: Request, owner: str = Depends(require_owner)
-) -> dict[str, bool]:
+async def interrupt(session_id: str, application: App, owner: Owner) -> dict[str, bool]:
     """Send an interrupt (like Ctrl-C) to running code; `interrupted` says if any ran."""
-    managed = manager(request).get(session_id, owner)
-    return {"interrupted": await managed.session.interrupt()}
+    return {"interrupted": await application.interrupt(session_id, owner)}
 
 
 @router.post("/{session_id}/restart", response_model=Session, responses=ERRORS)
-async def restart(
-    session_id: str, request: Request, owner: str = Depends(require_owner)
-) -> Session:
+async def restart(session_id: str, application: App, owner: Owner) -> Session:
     """A fresh kernel in the same working directory: variables are lost, files kept."""
-    managed = manager(request).get(session_id, owner)
-    await managed.session.restart()
-    return managed.to_model()
+    return await application.restart(session_id, owner)

@@ -1,64 +1,31 @@
-"""What every execute route shares: limits, image URLs, rendering, metrics, SSE."""
+"""Server-sent events for the execute routes: events as they happen, then `end`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 
-from kernelbox_wire.models import ErrorBody, ErrorDetail, Execution, Format, render_options
-from kernelbox_wire.render import image_base64, render_text
+from kernelbox_wire.models import ErrorBody, ErrorDetail, Execution
 from sandbox.session import OnEvent
 
-from .errors import ENGINE_ERRORS, ApiError
+from .errors import ENGINE_ERRORS
 
 log = logging.getLogger(__name__)
 
 Run = Callable[[OnEvent | None], Awaitable[Execution]]
 
 
-def check_code(request: Request, code: str) -> None:
-    limit = request.app.state.settings.max_code_chars
-    if len(code) > limit:
-        raise ApiError(413, "too_large", f"code is {len(code)} characters; the limit is {limit}")
-
-
-def base_url(request: Request) -> str:
-    return (request.app.state.settings.public_url or str(request.base_url)).rstrip("/")
-
-
-def finish(
-    request: Request,
-    execution: Execution,
-    *,
-    session_id: str | None,
-    fmt: Format | None,
-    started: float,
-) -> Execution:
-    """Give images their URLs, render `text` if asked, and count the execution."""
-    for image in execution.images:
-        if session_id is not None:
-            image.url = f"{base_url(request)}/v1/sessions/{session_id}/files/{image.path}"
-        else:  # one-shot runs keep no files: the URL carries the image itself
-            encoded = image_base64(execution, image.path, image.mime)
-            image.url = image.path if encoded is None else f"data:{image.mime};base64,{encoded}"
-    if fmt is not None:
-        execution.text = render_text(execution, render_options(fmt))
-    request.app.state.metrics.observe(execution.status, time.perf_counter() - started)
-    return execution
-
-
-def wants_stream(request: Request, stream_flag: bool) -> bool:
+def wanted(request: Request, stream_flag: bool) -> bool:
     return stream_flag or "text/event-stream" in request.headers.get("accept", "")
 
 
-def stream(run: Run, finalize: Callable[[Execution], Execution]) -> StreamingResponse:
+def stream(run: Run) -> StreamingResponse:
     """Server-sent events: `stdout`, `stderr`, `result`, `error` as they happen, then `end`
     with the whole Execution. A client that goes away does not stop the code."""
     queue: asyncio.Queue[tuple[str, object] | None] = asyncio.Queue()
@@ -79,7 +46,7 @@ def stream(run: Run, finalize: Callable[[Execution], Execution]) -> StreamingRes
             kind, data = item
             yield format_sse_event(event=kind, data_str=json.dumps(data))
         try:
-            execution = finalize(await task)
+            execution = await task
             yield format_sse_event(event="end", data_str=execution.model_dump_json())
         except Exception as exc:  # the response has started: no status left to send
             if type(exc) in ENGINE_ERRORS:
