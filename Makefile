@@ -35,10 +35,11 @@ test: $(VENV)/.installed
 	else echo "no Docker engine reachable: Docker tests will skip"; fi
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	KERNELBOX_IMAGE=$(IMAGE) $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 image:
 	./scripts/build-kernel-image.sh $(IMAGE)
