@@ -267,6 +267,19 @@ def install_display_caps(shell, text_cap: int, image_cap: int) -> None:
     publisher.publish = publish
 
 
+class _NoOutputHistory(dict):
+    """In place of IPython's `history_manager.outputs`: IPython 9 keeps every output of every
+    cell there (each write to stdout and stderr, every image's base64) for `%notebook`, so a
+    kernel that prints in a loop runs out of memory within seconds, and a long session holds
+    all it ever showed. Here each cell's list is a new one that nothing keeps."""
+
+    def __getitem__(self, key):
+        return []
+
+    def __contains__(self, key) -> bool:
+        return False
+
+
 def keep_streams_usable(shell, out, err) -> None:
     """A cell that sets `sys.stdout = None` (or anything without write/flush) would break
     every later cell inside IPython itself: each request starts with working streams again
@@ -402,6 +415,8 @@ def main(argv: list[str]) -> None:
         "post_run_cell", lambda *_: os._exit(0) if os.getpid() != kernel_pid else None
     )
     install_display_caps(shell, output_cap, image_cap)
+    if hasattr(shell.history_manager, "outputs"):
+        shell.history_manager.outputs = _NoOutputHistory()
     keep_streams_usable(shell, out, err)
     threads_keep_their_cell(out, err, shell.display_pub)
     app.kernel._no_raw_input = _no_input  # input() with allow_stdin=False
