@@ -14,6 +14,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Socket names are "<runtime_dir>/k-<port>" for ipc transport.
 _PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
@@ -114,6 +115,12 @@ class KernelBackend(abc.ABC):
 
     def __init__(self, config: KernelConfig | None = None) -> None:
         self.config = config or KernelConfig()
+
+    @classmethod
+    def from_settings(cls, config: KernelConfig, settings: Any) -> KernelBackend:
+        """This backend as the service configures it: `settings` is the service's Settings,
+        of which each backend reads only its own fields (see registry.py)."""
+        return cls(config)
 
     @abc.abstractmethod
     async def start(self, workdir: Path, env: dict[str, str] | None = None) -> KernelProcess:

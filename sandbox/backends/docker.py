@@ -410,6 +410,22 @@ class DockerBackend(KernelBackend):
         self._watcher.start()
         self._reaper = self._start_reaper(orphan_watcher and client is None)
 
+    @classmethod
+    def from_settings(cls, config: KernelConfig, settings: Any) -> DockerBackend:
+        host_paths = None  # found by the backend (see hostpath.py)
+        if settings.host_data_dir is not None:
+            host_paths = HostPaths.fixed(settings.data_dir, settings.host_data_dir)
+        # Kernel sockets next to the sessions' files: for a service in a container, on the
+        # volume the engine binds into kernels, where a restarted service finds the locks that
+        # tell it which kernels are orphans.
+        return cls(
+            config,
+            image=settings.image,
+            runtime_root=settings.data_dir / "run",
+            host_paths=host_paths,
+            runtime=settings.docker_runtime,
+        )
+
     def _start_reaper(self, own_client: bool) -> subprocess.Popen | None:
         """The watcher that removes our containers if this process dies without closing
         (docker_reaper.py): in a session of its own, so that nothing aimed at the service's

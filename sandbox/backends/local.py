@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 
@@ -319,6 +319,12 @@ class LocalBackend(KernelBackend):
         self._mpl_dir.mkdir(exist_ok=True)
         self._mpl_task: asyncio.Task[bool] | None = None
         self._kernels: set[LocalKernel] = set()
+
+    @classmethod
+    def from_settings(cls, config: KernelConfig, settings: Any) -> LocalBackend:
+        return cls(
+            config, python=settings.kernel_python or sys.executable, sandbox=settings.local_sandbox
+        )
 
     @property
     def isolation(self) -> dict:
