@@ -33,6 +33,7 @@ from .backends.base import ExitInfo, KernelBackend
 from .capture import CaptureLimits, ImageNamer, OutputCapture
 from .errors import KernelStartError, SessionBusy, SessionClosed
 from .kernel import DIED, Budget, Kernel, ProtocolError
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class KernelSession:
         self,
         backend: KernelBackend,
         kernel: Kernel,
-        files: session_files.SessionFiles,
+        workspace: Workspace,
         *,
         options: SessionOptions | None = None,
         env: dict[str, str] | None = None,
@@ -90,7 +91,8 @@ class KernelSession:
     ) -> None:
         self.id = session_id or uuid.uuid4().hex
         self.backend = backend
-        self.files = files
+        #: the working directory, as the engine and the service reach it
+        self.workspace = workspace
         self.options = options or SessionOptions()
         self.env = env or {}
         self.kernel = kernel
@@ -116,13 +118,19 @@ class KernelSession:
         service's sessions come from the pool (see SessionManager)."""
         workdir.mkdir(parents=True, exist_ok=True)
         kernel = await Kernel.start(backend, workdir, env)
-        files = session_files.SessionFiles(workdir, session_files.default_io(), uuid.uuid4().hex)
-        files.owner = kernel.proc.file_owner
-        return cls(backend, kernel, files, options=options, env=env)
+        workspace = Workspace(workdir, session_files.default_io(), uuid.uuid4().hex)
+        workspace.adopt(kernel.proc)
+        return cls(backend, kernel, workspace, options=options, env=env)
+
+    @property
+    def files(self) -> Workspace:
+        """The workspace, by its older name."""
+        return self.workspace
 
     @property
     def workdir(self) -> Path:
-        return self.files.root
+        """The working directory's host path: for tests and for the backend only."""
+        return self.workspace.root
 
     # -- state -----------------------------------------------------------------------------
 
@@ -189,7 +197,7 @@ class KernelSession:
     async def _run(self, code: str, timeout: float, on_event: OnEvent | None) -> Execution:
         kernel = self.kernel
         assert kernel.conn is not None
-        capture = OutputCapture(self.files, self.namer, self.options.capture)
+        capture = OutputCapture(self.workspace, self.namer, self.options.capture)
         budget = Budget(self.options.capture.max_execution_bytes)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -329,7 +337,7 @@ class KernelSession:
     def _watch_disk(self, kernel: Kernel, run: _Run) -> asyncio.Task[None] | None:
         """Where no filesystem enforces the disk limit: measure while the code runs."""
         limit = self.backend.config.limits.disk_bytes
-        if not limit or self.files.own_filesystem:
+        if not limit or self.workspace.own_filesystem:
             return None
 
         async def stop(size: int) -> None:
@@ -337,7 +345,7 @@ class KernelSession:
             await kernel.proc.send_signal(signal.SIGINT)
 
         return asyncio.get_running_loop().create_task(
-            quota.watch(self.files, limit, self.disk, stop)
+            quota.watch(self.workspace, limit, self.disk, stop)
         )
 
     async def check_disk(self) -> None:
@@ -345,9 +353,9 @@ class KernelSession:
         its limit that grew since last measured has a writer still running (a background
         thread or process): the kernel is replaced, and the next execution says why."""
         limit = self.backend.config.limits.disk_bytes
-        if not limit or self.files.own_filesystem or self.busy or self._closed:
+        if not limit or self.workspace.own_filesystem or self.busy or self._closed:
             return
-        size = await self.disk.over(self.files, limit)
+        size = await self.disk.over(self.workspace, limit)
         if size is not None and not self.busy and not self._closed:
             log.warning("session %s: %d bytes on disk while idle; restarting", self.id, size)
             self._notice = (
@@ -411,8 +419,8 @@ class KernelSession:
             # The new kernel must not depend on the old one going quietly (a container the
             # engine is slow to remove after a fork bomb, say); the backend still owns it.
             log.exception("session %s: stopping the old kernel failed", self.id)
-        self.kernel = await Kernel.start(self.backend, self.workdir, self.env)
-        self.files.owner = self.kernel.proc.file_owner
+        self.kernel = await Kernel.start(self.backend, self.workspace.root, self.env)
+        self.workspace.adopt(self.kernel.proc)
         self.execution_count = 0
 
     async def close(self) -> None:

@@ -21,7 +21,11 @@ async def readyz(request: Request):
     """The pool can serve a session now or soon (a backend that fails to start kernels is not)."""
     pool = request.app.state.manager.pool
     if pool.ready:
-        return {"status": "ready", "idle_kernels": pool.idle, "isolation": pool.backend.isolation}
+        return {
+            "status": "ready",
+            "idle_kernels": pool.idle,
+            "isolation": request.app.state.manager.backend.isolation,
+        }
     return error_response(503, "not_ready", pool.last_error or "the pool is not ready")
 
 

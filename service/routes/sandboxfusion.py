@@ -54,7 +54,7 @@ def forkserver_options(settings: Settings) -> ForkServerOptions:
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Runs inside the app's own lifespan, so the backend exists; templates start on first use.
-    forkserver = ForkServer(app.state.manager.pool.backend, forkserver_options(app.state.settings))
+    forkserver = ForkServer(app.state.manager.backend, forkserver_options(app.state.settings))
     app.state.forkserver = forkserver
     try:
         yield

@@ -99,7 +99,7 @@ async def execute(
         return mgr.execute(session_id, owner, body.code, body.timeout, on_event)
 
     if executions.wants_stream(request, body.stream):
-        if managed.session.busy:  # answer 409 now, not inside an event stream
+        if managed.busy:  # answer 409 now, not inside an event stream
             raise SessionBusy(f"session {session_id} is already running code")
         return executions.stream(run, finalize)
     return finalize(await run(None))
@@ -110,8 +110,7 @@ async def interrupt(
     session_id: str, request: Request, owner: str = Depends(require_owner)
 ) -> dict[str, bool]:
     """Send an interrupt (like Ctrl-C) to running code; `interrupted` says if any ran."""
-    managed = manager(request).get(session_id, owner)
-    return {"interrupted": await managed.session.interrupt()}
+    return {"interrupted": await manager(request).interrupt(session_id, owner)}
 
 
 @router.post("/{session_id}/restart", response_model=Session, responses=ERRORS)
@@ -119,6 +118,4 @@ async def restart(
     session_id: str, request: Request, owner: str = Depends(require_owner)
 ) -> Session:
     """A fresh kernel in the same working directory: variables are lost, files kept."""
-    managed = manager(request).get(session_id, owner)
-    await managed.session.restart()
-    return managed.to_model()
+    return (await manager(request).restart(session_id, owner)).to_model()
