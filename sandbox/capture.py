@@ -8,7 +8,7 @@ streams, results and the error as the kernel produced them.
 
 The kernel is untrusted: a message whose fields are not what the protocol says raises
 `ProtocolError` (the session then replaces the kernel), and images are written through
-`SessionFiles` (off the event loop, never through a link).
+the session's `Workspace` (off the event loop, never through a link).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 from kernelbox_wire.models import ErrorInfo, Execution, ExecutionStatus, Image, OutputRef, Result
 from kernelbox_wire.text import clean_text, collapse_cr, strip_ansi, truncation_marker
 
-from . import files
 from .kernel import Budget, ProtocolError
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class CaptureLimits:
 
 @dataclass
 class OutputCapture:
-    files: files.SessionFiles
+    workspace: Workspace
     namer: ImageNamer
     limits: CaptureLimits = field(default_factory=CaptureLimits)
 
@@ -334,7 +334,7 @@ class OutputCapture:
         for _ in range(100):  # skip numbers the code already used for its own files
             path = f"outputs/fig-{number:03d}.{ext}"
             try:
-                await self.files.write(path, blob, exclusive=True)
+                await self.workspace.write(path, blob, exclusive=True)
                 return path
             except FileExistsError:
                 number = self.namer.take()

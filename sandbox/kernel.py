@@ -30,7 +30,7 @@ from typing import Any
 from jupyter_client.session import Session
 
 from . import zmtp
-from .backends.base import ExitInfo, KernelBackend, KernelProcess
+from .backends.base import ExitInfo, KernelBackend, KernelProcess, socket_path
 from .errors import KernelStartError
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class KernelConnection:
         cls, info: dict[str, Any], on_fault: Callable[[str], None], max_message_bytes: int
     ) -> KernelConnection:
         """Connect to a kernel whose sockets exist (ConnectionError if it does not listen)."""
-        paths = [f"{info['ip']}-{info[port]}" for port in ("shell_port", "iopub_port")]
+        paths = [socket_path(info, channel) for channel in ("shell", "iopub")]
         for path in paths:
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise KernelStartError(f"{path} is not a socket")
@@ -344,7 +344,7 @@ class Kernel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         info = self.proc.connection_info
-        sockets = [Path(f"{info['ip']}-{info[p]}") for p in ("shell_port", "iopub_port")]
+        sockets = [Path(socket_path(info, channel)) for channel in ("shell", "iopub")]
         connected_at = 0.0
         while True:
             if loop.time() > deadline:

@@ -16,7 +16,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .files import FileOpTimeout, SessionFiles
+from .files import FileOpTimeout
+from .workspace import Workspace
 
 CHECK_INTERVAL = 0.5
 
@@ -27,11 +28,11 @@ class DiskUsage:
 
     bytes: int = 0
 
-    async def over(self, files: SessionFiles, limit: int) -> int | None:
+    async def over(self, workspace: Workspace, limit: int) -> int | None:
         """Measure; the size when it is past `limit` and has grown since last measured (so
         that code cleaning up an over-full directory is not stopped for it), else None."""
         try:
-            size, complete = await files.usage()
+            size, complete = await workspace.usage()
         except FileOpTimeout:
             return None  # measured next time; the file layer's own share is what is stuck
         if not complete:
@@ -42,13 +43,16 @@ class DiskUsage:
 
 
 async def watch(
-    files: SessionFiles, limit: int, usage: DiskUsage, on_exceeded: Callable[[int], Awaitable[None]]
+    workspace: Workspace,
+    limit: int,
+    usage: DiskUsage,
+    on_exceeded: Callable[[int], Awaitable[None]],
 ) -> None:
     """While code runs (cancel to stop): call `on_exceeded(size)` once when the directory
     passes `limit`. Nothing is measured for runs shorter than one interval."""
     while True:
         await asyncio.sleep(CHECK_INTERVAL)
-        size = await usage.over(files, limit)
+        size = await usage.over(workspace, limit)
         if size is not None:
             await on_exceeded(size)
             return

@@ -33,6 +33,7 @@ from .backends.base import ExitInfo, KernelBackend
 from .capture import CaptureLimits, ImageNamer, OutputCapture
 from .errors import KernelStartError, SessionBusy, SessionClosed
 from .kernel import DIED, Budget, Kernel, ProtocolError
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class KernelSession:
         self,
         backend: KernelBackend,
         kernel: Kernel,
-        files: session_files.SessionFiles,
+        workspace: Workspace,
         *,
         options: SessionOptions | None = None,
         env: dict[str, str] | None = None,
@@ -90,7 +91,8 @@ class KernelSession:
     ) -> None:
         self.id = session_id or uuid.uuid4().hex
         self.backend = backend
-        self.files = files
+        #: the working directory, as the engine and the service reach it
+        self.workspace = workspace
         self.options = options or SessionOptions()
         self.env = env or {}
         self.kernel = kernel
@@ -116,13 +118,19 @@ class KernelSession:
         service's sessions come from the pool (see SessionManager)."""
         workdir.mkdir(parents=True, exist_ok=True)
         kernel = await Kernel.start(backend, workdir, env)
-        files = session_files.SessionFiles(workdir, session_files.default_io(), uuid.uuid4().hex)
-        files.owner = kernel.proc.file_owner
-        return cls(backend, kernel, files, options=options, env=env)
+        workspace = Workspace(workdir, session_files.default_io(), uuid.uuid4().hex)
+        workspace.adopt(kernel.proc)
+        return cls(backend, kernel, workspace, options=options, env=env)
+
+    @property
+    def files(self) -> Workspace:
+        """The workspace, by its older name."""
+        return self.workspace
 
     @property
     def workdir(self) -> Path:
-        return self.files.root
+        """The working directory's host path: for tests and for the backend only."""
+        return self.workspace.root
 
     # -- state -----------------------------------------------------------------------------
 
@@ -189,7 +197,7 @@ class KernelSession:
     async def _run(self, code: str, timeout: float, on_event: OnEvent | None) -> Execution:
         kernel = self.kernel
         assert kernel.conn is not None
-        capture = OutputCapture(self.files, self.namer, self.options.capture)
+        capture = OutputCapture(self.workspace, self.namer, self.options.capture)
         budget = Budget(self.options.capture.max_execution_bytes)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -216,46 +224,71 @@ class KernelSession:
     ) -> None:
         """Take the kernel's messages for this execution until it is over, one way or another."""
         loop = asyncio.get_running_loop()
-        opts = self.options
         while not (run.idle and run.reply is not None):
-            if run.reply is not None:  # reply without idle: an IOPub message was lost
-                wait_until = min(deadline, loop.time() + opts.idle_after_reply)
-            elif run.idle:  # idle without reply: the reply is late, or never coming
-                wait_until = run.idle_at + opts.reply_after_idle
-            elif run.interrupted_at is not None:
-                wait_until = run.interrupted_at + opts.interrupt_grace
-            else:
-                wait_until = deadline
             try:
-                async with asyncio.timeout_at(wait_until):
+                async with asyncio.timeout_at(self._wait_until(run, deadline, loop.time())):
                     msg = await queue.get()
             except TimeoutError:
-                if run.reply is not None and not run.saw_iopub:
-                    run.broken = "its output channel went silent"
-                elif run.idle and run.reply is None:
-                    run.broken = "it did not answer the execute request"
-                elif run.reply is None and run.interrupted_at is None:
-                    run.interrupted_at = loop.time()
-                    await kernel.proc.send_signal(signal.SIGINT)
+                if await self._on_quiet(kernel, run, loop.time()):
                     continue
                 return  # idle lost, or SIGINT did not stop it within the grace period
             if msg is DIED:
                 run.died = await kernel.end()
-                while not queue.empty():  # what arrived before the end
-                    if (late := queue.get_nowait()) is not DIED and not run.broken:
-                        await self._take(late, capture, on_event, run)
+                await self._take_late(queue, capture, on_event, run)
                 return
-            if msg["msg_type"] == "execute_reply":
-                run.reply = msg
-                continue
-            run.saw_iopub = True
-            if msg["msg_type"] == "status":
-                if not run.idle and msg["content"].get("execution_state") == "idle":
-                    run.idle, run.idle_at = True, loop.time()
+            if self._took_control(msg, run, loop.time()):
                 continue
             await self._take(msg, capture, on_event, run)
             if run.broken:
                 return
+
+    def _wait_until(self, run: _Run, deadline: float, now: float) -> float:
+        """How long the next message may take, given what the execution has seen so far."""
+        opts = self.options
+        if run.reply is not None:  # reply without idle: an IOPub message was lost
+            return min(deadline, now + opts.idle_after_reply)
+        if run.idle:  # idle without reply: the reply is late, or never coming
+            return run.idle_at + opts.reply_after_idle
+        if run.interrupted_at is not None:
+            return run.interrupted_at + opts.interrupt_grace
+        return deadline
+
+    async def _on_quiet(self, kernel: Kernel, run: _Run, now: float) -> bool:
+        """No message in time: whether to go on waiting (after interrupting at the deadline)."""
+        if run.reply is not None and not run.saw_iopub:
+            run.broken = "its output channel went silent"
+        elif run.idle and run.reply is None:
+            run.broken = "it did not answer the execute request"
+        elif run.reply is None and run.interrupted_at is None:
+            run.interrupted_at = now
+            await kernel.proc.send_signal(signal.SIGINT)
+            return True
+        return False
+
+    async def _take_late(
+        self,
+        queue: asyncio.Queue[dict],
+        capture: OutputCapture,
+        on_event: OnEvent | None,
+        run: _Run,
+    ) -> None:
+        """What arrived before the kernel's end."""
+        while not queue.empty():
+            if (late := queue.get_nowait()) is not DIED and not run.broken:
+                await self._take(late, capture, on_event, run)
+
+    @staticmethod
+    def _took_control(msg: dict, run: _Run, now: float) -> bool:
+        """Note the reply and the status messages; whether `msg` was one (no output)."""
+        if msg["msg_type"] == "execute_reply":
+            run.reply = msg
+            return True
+        run.saw_iopub = True
+        if msg["msg_type"] == "status":
+            if not run.idle and msg["content"].get("execution_state") == "idle":
+                run.idle, run.idle_at = True, now
+            return True
+        return False
 
     async def _take(
         self, msg: dict, capture: OutputCapture, on_event: OnEvent | None, run: _Run
@@ -275,42 +308,17 @@ class KernelSession:
     ) -> Execution:
         """The Execution, and the kernel's replacement where it cannot go on."""
         reply = run.reply["content"] if run.reply is not None else None
-        count = reply.get("execution_count") if reply else None
-        if isinstance(count, int) and count > 0:
-            self.execution_count = count
-        else:
-            count = None
-        status = "ok"
-        restarted = False
+        count = self._take_count(reply)
+        status, restarted = "ok", False
         if run.died is not None or run.broken is not None:
             status, restarted = "died", True
-            if run.died is not None:
-                reason = "out of memory" if run.died.oom else run.died.reason
-                value = f"The kernel died while running this code ({reason}). {STATE_LOST}"
-            else:
-                value = f"The kernel stopped working properly ({run.broken}). {STATE_LOST}"
-                log.warning("session %s: kernel replaced: %s", self.id, run.broken)
-            capture.replace_error(ErrorInfo(name="KernelDied", value=value))
-            self._schedule_restart()
+            self._kernel_lost(run, capture)
         elif run.interrupted_at is not None:
             status = "timeout"
-            value = f"{TIMEOUT_TEXT} ({timeout:g} s)"
-            if not (run.idle or reply is not None):
-                # Still running after SIGINT and the grace period: only a restart stops it.
-                restarted = True
-                value += f" Interrupting did not stop it. {STATE_LOST}"
-                self._schedule_restart()
-            capture.replace_error(ErrorInfo(name="TimeoutError", value=value))
+            restarted = self._timed_out(run, reply, capture, timeout)
         elif run.over_quota is not None:
             status = "error"
-            limit = self.backend.config.limits.disk_bytes
-            capture.replace_error(
-                ErrorInfo(
-                    name="DiskQuotaExceeded",
-                    value=f"The working directory holds {run.over_quota} bytes, over its limit "
-                    f"of {limit} bytes; the code was interrupted. Delete files to go on.",
-                )
-            )
+            self._over_quota(run.over_quota, capture)
         elif capture.has_error:
             status = "error"
         elif isinstance(reply, dict) and reply.get("status") == "error":
@@ -326,10 +334,51 @@ class KernelSession:
             kernel_restarted=restarted,
         )
 
+    def _take_count(self, reply: dict | None) -> int | None:
+        count = reply.get("execution_count") if reply else None
+        if isinstance(count, int) and count > 0:
+            self.execution_count = count
+            return count
+        return None
+
+    def _kernel_lost(self, run: _Run, capture: OutputCapture) -> None:
+        """The kernel died or broke: say so, and replace it."""
+        if run.died is not None:
+            reason = "out of memory" if run.died.oom else run.died.reason
+            value = f"The kernel died while running this code ({reason}). {STATE_LOST}"
+        else:
+            value = f"The kernel stopped working properly ({run.broken}). {STATE_LOST}"
+            log.warning("session %s: kernel replaced: %s", self.id, run.broken)
+        capture.replace_error(ErrorInfo(name="KernelDied", value=value))
+        self._schedule_restart()
+
+    def _timed_out(
+        self, run: _Run, reply: dict | None, capture: OutputCapture, timeout: float
+    ) -> bool:
+        """The deadline passed: say so; whether the kernel is replaced (SIGINT did not stop
+        it within the grace period, and only a restart does)."""
+        value = f"{TIMEOUT_TEXT} ({timeout:g} s)"
+        restarted = not (run.idle or reply is not None)
+        if restarted:
+            value += f" Interrupting did not stop it. {STATE_LOST}"
+            self._schedule_restart()
+        capture.replace_error(ErrorInfo(name="TimeoutError", value=value))
+        return restarted
+
+    def _over_quota(self, size: int, capture: OutputCapture) -> None:
+        limit = self.backend.config.limits.disk_bytes
+        capture.replace_error(
+            ErrorInfo(
+                name="DiskQuotaExceeded",
+                value=f"The working directory holds {size} bytes, over its limit "
+                f"of {limit} bytes; the code was interrupted. Delete files to go on.",
+            )
+        )
+
     def _watch_disk(self, kernel: Kernel, run: _Run) -> asyncio.Task[None] | None:
         """Where no filesystem enforces the disk limit: measure while the code runs."""
         limit = self.backend.config.limits.disk_bytes
-        if not limit or self.files.own_filesystem:
+        if not limit or self.workspace.own_filesystem:
             return None
 
         async def stop(size: int) -> None:
@@ -337,7 +386,7 @@ class KernelSession:
             await kernel.proc.send_signal(signal.SIGINT)
 
         return asyncio.get_running_loop().create_task(
-            quota.watch(self.files, limit, self.disk, stop)
+            quota.watch(self.workspace, limit, self.disk, stop)
         )
 
     async def check_disk(self) -> None:
@@ -345,9 +394,9 @@ class KernelSession:
         its limit that grew since last measured has a writer still running (a background
         thread or process): the kernel is replaced, and the next execution says why."""
         limit = self.backend.config.limits.disk_bytes
-        if not limit or self.files.own_filesystem or self.busy or self._closed:
+        if not limit or self.workspace.own_filesystem or self.busy or self._closed:
             return
-        size = await self.disk.over(self.files, limit)
+        size = await self.disk.over(self.workspace, limit)
         if size is not None and not self.busy and not self._closed:
             log.warning("session %s: %d bytes on disk while idle; restarting", self.id, size)
             self._notice = (
@@ -411,8 +460,8 @@ class KernelSession:
             # The new kernel must not depend on the old one going quietly (a container the
             # engine is slow to remove after a fork bomb, say); the backend still owns it.
             log.exception("session %s: stopping the old kernel failed", self.id)
-        self.kernel = await Kernel.start(self.backend, self.workdir, self.env)
-        self.files.owner = self.kernel.proc.file_owner
+        self.kernel = await Kernel.start(self.backend, self.workspace.root, self.env)
+        self.workspace.adopt(self.kernel.proc)
         self.execution_count = 0
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 from . import files
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,9 @@ class Workdirs:
             await _unmount(workdir)
         await self.io.run(home.name, files.remove_tree, home, timeout=600)
 
-    def files(self, workdir: Path, key: str, limits: files.FileLimits) -> files.SessionFiles:
-        """How the host reaches the files of a working directory made here."""
-        return files.SessionFiles(workdir, self.io, key, limits, own_filesystem=self.enforced)
+    def workspace(self, workdir: Path, key: str, limits: files.FileLimits) -> Workspace:
+        """How the host reaches the files of a working directory made here (and removes it)."""
+        return Workspace(workdir, self.io, key, limits, own_filesystem=self.enforced, workdirs=self)
 
     async def close(self) -> None:
         """Remove this instance's directory (every session's working directory with it)."""

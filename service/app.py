@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
 from kernelbox import __version__
+from sandbox.backends import registry
 from sandbox.backends.base import KernelBackend, KernelConfig, Limits
 from sandbox.capture import CaptureLimits
 from sandbox.files import FileIO, FileLimits
@@ -45,29 +45,8 @@ def kernel_config(settings: Settings) -> KernelConfig:
 
 
 def build_backend(settings: Settings) -> KernelBackend:
-    config = kernel_config(settings)
-    if settings.backend == "docker":
-        from sandbox.backends.docker import DockerBackend
-        from sandbox.backends.hostpath import HostPaths
-
-        host_paths = None  # found by the backend (see hostpath.py)
-        if settings.host_data_dir is not None:
-            host_paths = HostPaths.fixed(settings.data_dir, settings.host_data_dir)
-        # Kernel sockets next to the sessions' files: for a service in a container, on the
-        # volume the engine binds into kernels, where a restarted service finds the locks that
-        # tell it which kernels are orphans.
-        return DockerBackend(
-            config,
-            image=settings.image,
-            runtime_root=settings.data_dir / "run",
-            host_paths=host_paths,
-            runtime=settings.docker_runtime,
-        )
-    from sandbox.backends.local import LocalBackend
-
-    return LocalBackend(
-        config, python=settings.kernel_python or sys.executable, sandbox=settings.local_sandbox
-    )
+    """The backend named by the settings, found in the registry (entry points)."""
+    return registry.build(settings.backend, kernel_config(settings), settings)
 
 
 def check_isolation(settings: Settings, backend: KernelBackend) -> None:

@@ -29,10 +29,10 @@ from kernelbox_wire.models import (
 from kernelbox_wire.render import image_base64, render_message, render_text
 from kernelbox_wire.tools import InvalidArguments, extract_code
 from sandbox.errors import SandboxError
-from sandbox.files import SessionFiles
 from sandbox.forkserver import ForkServer, RunRequest, RunResult
 from sandbox.manager import NotebookRun, SessionManager
 from sandbox.session import OnEvent
+from sandbox.workspace import Workspace
 
 from .metrics import Metrics
 from .settings import Settings
@@ -102,7 +102,7 @@ class Application:
     async def restart(self, session_id: str, owner: str) -> Session:
         return (await self.manager.restart(session_id, owner)).to_model()
 
-    def files(self, session_id: str, owner: str) -> SessionFiles:
+    def files(self, session_id: str, owner: str) -> Workspace:
         """The session's working directory, as the host may reach it (bounded, off the loop)."""
         return self.manager.files(session_id, owner)
 
@@ -200,7 +200,11 @@ class Application:
 
     def readiness(self) -> dict[str, Any]:
         pool = self.manager.pool
-        return {"status": "ready", "idle_kernels": pool.idle, "isolation": pool.backend.isolation}
+        return {
+            "status": "ready",
+            "idle_kernels": pool.idle,
+            "isolation": self.manager.backend.isolation,
+        }
 
     def scrape(self) -> bytes:
         """The Prometheus exposition of the service's metrics, as of now."""

@@ -15,7 +15,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    backend: Literal["local", "docker"] = "local"
+    # a name in the backend registry (sandbox/backends/registry.py): "local", "docker", ...
+    backend: str = "local"
     # One key or several, comma-separated. Each key owns the sessions it creates.
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # A file of keys (comma- or line-separated), added to api_key: keeps them off every
@@ -87,6 +88,16 @@ class Settings(BaseSettings):
     # find it by inspecting its own container (default: found that way; see
     # sandbox/backends/hostpath.py)
     host_data_dir: Path | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from sandbox.backends import registry  # entry points only: no backend is imported
+
+        names = registry.available()
+        if names and value not in names:
+            raise ValueError(f"unknown backend {value!r}; installed: {', '.join(sorted(names))}")
+        return value
 
     @field_validator("host_data_dir", "api_key_file", "docker_runtime", mode="before")
     @classmethod

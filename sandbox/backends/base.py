@@ -1,10 +1,19 @@
 """Where a kernel runs: the backend interface.
 
 Modelled on jupyter_client's kernel provisioners (launch, poll, wait, send_signal, kill,
-cleanup), cut down to what the engine needs and made async end to end. A backend starts
-kernels; each start returns a `KernelProcess`, the handle the engine signals, kills and
-watches. The engine talks to the kernel itself over ZMQ with `connection_info`; transport is
-IPC (unix sockets in a per-kernel runtime directory), so a kernel needs no network at all.
+cleanup), cut down to what the engine needs and made async end to end. A backend starts two
+kinds of process, each returned as a `KernelProcess`, the handle the engine signals, kills and
+watches:
+
+- kernels (`start`), which the engine talks to over ZMQ with `connection_info`;
+- fork-server templates (`launch_template`), which fork a child per stateless run and are
+  reached on the one socket their `connection_info` names.
+
+How to reach a process is the backend's business and stays inside `connection_info`: today
+its transport is IPC (unix sockets in a per-process runtime directory, so a kernel needs no
+network at all), and the layers above ask `socket_path` for an address instead of building
+one. A handle can be described as JSON (`describe`) and, where the backend's processes outlive
+the service (containers), found again from that description (`attach`).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Socket names are "<runtime_dir>/k-<port>" for ipc transport.
 _PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4, "hb_port": 5}
@@ -67,8 +77,30 @@ class ExitInfo:
     oom: bool = False
 
 
+@dataclass(frozen=True)
+class TemplateOptions:
+    """What a backend starts a fork-server template with (see sandbox/forkserver.py)."""
+
+    #: concurrent runs the template serves (Docker: the size of its uid range)
+    slots: int = 64
+    #: children forked ahead of demand
+    prefork: int = 8
+    preload: tuple[str, ...] = ("numpy", "pandas", "matplotlib", "matplotlib.pyplot")
+    #: bytes of fetched files returned per run at most
+    fetch_cap_bytes: int = 64 * 1024**2
+    #: the template's heap on transparent huge pages (cheaper forks)
+    hugepages: bool = True
+
+
+class CannotAttach(NotImplementedError):
+    """This backend's processes cannot be found again from a description."""
+
+
 class KernelProcess(abc.ABC):
-    """One running kernel, wherever it runs."""
+    """One running kernel (or fork-server template), wherever it runs."""
+
+    #: the registry name of the backend that started it
+    backend_name: str = "abstract"
 
     #: host-side path of the session working directory the kernel runs in
     workdir: Path
@@ -104,6 +136,20 @@ class KernelProcess(abc.ABC):
     def log_tail(self, max_chars: int = 2000) -> str:
         """The end of what the kernel process printed outside the protocol (start-up errors)."""
 
+    def memory_pss(self) -> int | None:
+        """Proportional set size of the process and what it started, where measurable."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What `KernelBackend.attach` needs to find this process again, as JSON-able data:
+        the backend's name, the process's ids, its connection info and its working directory."""
+        return {
+            "backend": self.backend_name,
+            "connection_info": dict(self.connection_info),
+            "workdir": str(self.workdir),
+            "runtime_dir": str(self.runtime_dir),
+        }
+
 
 class KernelBackend(abc.ABC):
     """Starts kernels. One instance per service; it owns every kernel it started."""
@@ -115,12 +161,31 @@ class KernelBackend(abc.ABC):
     def __init__(self, config: KernelConfig | None = None) -> None:
         self.config = config or KernelConfig()
 
+    @classmethod
+    def from_settings(cls, config: KernelConfig, settings: Any) -> KernelBackend:
+        """This backend as the service configures it: `settings` is the service's Settings,
+        of which each backend reads only its own fields (see registry.py)."""
+        return cls(config)
+
     @abc.abstractmethod
     async def start(self, workdir: Path, env: dict[str, str] | None = None) -> KernelProcess:
         """Launch a kernel whose working directory is `workdir` (created by the caller).
 
         Returns once the process exists; the engine waits for it to answer.
         """
+
+    async def launch_template(self, options: TemplateOptions) -> KernelProcess:
+        """Start one fork-server template (sandbox/forkserver_boot.py) in this backend's
+        sandbox; its `connection_info` names the socket it serves runs on (`socket_path`).
+        Registered like a kernel: `close` removes it."""
+        raise NotImplementedError(f"the {self.name} backend has no fork server")
+
+    async def attach(self, description: dict[str, Any]) -> KernelProcess:
+        """The process that `KernelProcess.describe` described, running still."""
+        raise CannotAttach(
+            f"the {self.name} backend cannot re-attach to a kernel: its kernels end with the "
+            "service that started them"
+        )
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Remove everything this backend started that is still around."""
@@ -142,6 +207,20 @@ def new_connection_info(runtime_dir: Path) -> dict:
         "signature_scheme": "hmac-sha256",
         "kernel_name": "",
     }
+
+
+def template_connection_info(socket: Path) -> dict:
+    """Connection info for a fork-server template serving runs on the unix socket `socket`."""
+    return {"transport": "ipc", "ip": str(socket)}
+
+
+def socket_path(info: dict, channel: str | None = None) -> str:
+    """The host-side unix socket to connect to: a kernel's `channel` ("shell", "iopub", ...)
+    or, without one, a fork-server template's socket. The one place that knows how IPC
+    connection info names its sockets."""
+    if info.get("transport") != "ipc":
+        raise ValueError(f"transport {info.get('transport')!r} is not supported here")
+    return f"{info['ip']}-{info[f'{channel}_port']}" if channel else str(info["ip"])
 
 
 def connection_info_at(info: dict, runtime_dir: str | Path) -> dict:

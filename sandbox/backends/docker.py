@@ -17,6 +17,11 @@ Each kernel runs in its own container of the kernel image (Dockerfile.kernel):
   by a service that died (SIGKILL, a crash, a reboot) are recognised and removed by the next
   backend that starts (see `DockerBackend.reap_orphans`).
 
+The jobs are split: the container's arguments (docker_spec.py), who owns which files
+(docker_files.py), the owner labels (docker_owner.py), deaths (docker_watch.py), orphans
+(docker_orphans.py, and the watcher process docker_reaper.py); this module holds the handle
+and the backend that ties them together.
+
 Blocking docker-py calls run in the backend's own thread pool (never the event loop's default
 one, which a slow Docker daemon would otherwise starve). Deaths are learnt from one Docker
 event stream per backend rather than one blocking `wait` per container.
@@ -26,17 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
-import hashlib
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,125 +49,83 @@ from typing import Any
 import docker
 import psutil
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import LogConfig, Mount, Ulimit
 
-from ..files import give_tree
 from . import docker_runtime
 from .base import (
-    SANDBOX_RUNTIME,
-    SANDBOX_WORKDIR,
     ExitInfo,
     KernelBackend,
     KernelConfig,
     KernelProcess,
+    TemplateOptions,
     connection_info_at,
     new_connection_info,
+    template_connection_info,
     write_connection_file,
 )
+from .docker_files import SANDBOX_UID_GID, Ownership, seal_runtime_dir
+from .docker_orphans import owner_gone, reap_orphans
+from .docker_owner import (  # re-exported: the labels are this backend's public face
+    LABEL_BOOT,
+    LABEL_CONTAINER,
+    LABEL_CONTAINER_START,
+    LABEL_CREATED,
+    LABEL_INSTANCE,
+    LABEL_KERNEL,
+    LABEL_LOCK,
+    LABEL_PID,
+    LABEL_PID_START,
+    LABEL_PIDNS,
+    in_cgroup_of,
+    our_containers_filter,
+    owner_labels,
+)
+from .docker_spec import (
+    CONTAINER_RUNTIME,
+    CONTAINER_WORKDIR,
+    ContainerTarget,
+    as_template,
+    exit_info,
+    kernel_container,
+    warn_if_stale,
+)
+from .docker_watch import DeathWatcher
 from .hostpath import HostPaths
-from .local import BOOT_SCRIPT, boot_env, describe_exit, kernel_env, tree_pss
+from .launch import TEMPLATE_SOCKET, tree_pss
+
+__all__ = [
+    "CONTAINER_RUNTIME",
+    "CONTAINER_WORKDIR",
+    "LABEL_BOOT",
+    "LABEL_CONTAINER",
+    "LABEL_CONTAINER_START",
+    "LABEL_CREATED",
+    "LABEL_INSTANCE",
+    "LABEL_KERNEL",
+    "LABEL_LOCK",
+    "LABEL_PID",
+    "LABEL_PIDNS",
+    "LABEL_PID_START",
+    "SANDBOX_UID_GID",
+    "DockerBackend",
+    "DockerKernel",
+    "our_containers_filter",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE = "kernelbox-kernel:latest"
 REAPER_SCRIPT = Path(__file__).with_name("docker_reaper.py")
 
-# Paths inside the container (see Dockerfile.kernel).
-CONTAINER_WORKDIR = SANDBOX_WORKDIR
-CONTAINER_RUNTIME = SANDBOX_RUNTIME
-CONTAINER_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
-#: the image's non-root user
-SANDBOX_UID_GID = (1000, 1000)
-
-# Labels. Every container of ours carries INSTANCE; the others say who owns it.
-LABEL_INSTANCE = "kernelbox.instance"  # uuid of the DockerBackend that made it
-LABEL_KERNEL = "kernelbox.kernel"  # id of the kernel (also in the container name)
-LABEL_PID = "kernelbox.pid"  # pid of the service process ...
-LABEL_PID_START = "kernelbox.pid_start"  # ... and its start time (pids get reused)
-LABEL_PIDNS = "kernelbox.pidns"  # the pid namespace those pids mean something in
-LABEL_BOOT = "kernelbox.boot_id"  # the host boot the owner ran in
-LABEL_LOCK = "kernelbox.lock"  # the owner's lock file, as the owner sees it (held while alive)
-LABEL_CONTAINER = "kernelbox.container"  # the container the owner runs in, if any ...
-LABEL_CONTAINER_START = "kernelbox.container_started"  # ... and when that one started
-LABEL_CREATED = "kernelbox.created"  # unix time
-
 # A unix socket path has room for 107 bytes. Ours, under the runtime root: a kernel's
 # "k-xxxxxxxx/k-5" and a fork-server template's "f-xxxxxxxx/fs.sock" (the longer).
 _SOCKET_PATH_MAX = 107
 _LONGEST_SOCKET = "/f-xxxxxxxx/fs.sock"
-_SOCKET_PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _boot_id() -> str:
-    return _read("/proc/sys/kernel/random/boot_id")
-
-
-def _pid_ns() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
-def _in_cgroup_of(pid: int, container_id: str) -> bool:
-    """Whether process `pid`, as this process sees pids, runs in that container."""
-    return container_id in _read(f"/proc/{pid}/cgroup")
-
-
-def _process_start(pid: int) -> str:
-    try:
-        return f"{psutil.Process(pid).create_time():.2f}"
-    except psutil.Error:
-        return ""
-
-
-def our_containers_filter(instance: str | None = None, pid: int | None = None) -> dict:
-    """Docker `filters` for containers of ours: all of them, one backend's, or one process's.
-
-    With `pid`, only containers made in this host boot and pid namespace by that process.
-    """
-    labels = [f"{LABEL_INSTANCE}={instance}" if instance else LABEL_INSTANCE]
-    if pid is not None:
-        labels += [f"{LABEL_PID}={pid}", f"{LABEL_BOOT}={_boot_id()}", f"{LABEL_PIDNS}={_pid_ns()}"]
-    return {"label": labels}
-
-
-def _warn_if_stale(image: str, labels: dict[str, str]) -> None:
-    """An image built from other boot files than this checkout's runs other code."""
-    built = labels.get("kernelbox.boot.sha256")
-    try:
-        here = hashlib.sha256(
-            BOOT_SCRIPT.read_bytes() + (BOOT_SCRIPT.parent / "forkserver_boot.py").read_bytes()
-        ).hexdigest()
-    except OSError:
-        return  # installed without the source next to it
-    if built and built != here:
-        log.warning(
-            "image %s was built from other sandbox/kernel_boot.py or forkserver_boot.py "
-            "files than these; rebuild it with scripts/build-kernel-image.sh",
-            image,
-        )
-
-
-def exit_info(code: int | None, oom: bool = False) -> ExitInfo:
-    """How a container ended. tini exits with 128+N when the kernel was killed by signal N."""
-    if oom:
-        return ExitInfo(code, "out of memory", oom=True)
-    if code is not None and 128 < code < 128 + 65:
-        return describe_exit(128 - code)
-    return describe_exit(code)
 
 
 class DockerKernel(KernelProcess):
-    """One kernel container. Created by `DockerBackend.start`."""
+    """One kernel (or fork-server template) container. Created by `DockerBackend._launch`."""
+
+    backend_name = "docker"
 
     def __init__(
         self,
@@ -192,6 +153,8 @@ class DockerKernel(KernelProcess):
         #: host pid of the container's PID 1 (tini), set once started
         self.host_pid: int | None = None
         self._sealer: asyncio.Task[None] | None = None
+        #: for a container attached from another backend (see DockerBackend.attach)
+        self._poller: asyncio.Task[None] | None = None
 
     # Called from the backend's event thread (any thread): resolve in the kernel's loop.
     def _died(self, info: ExitInfo, log_text: str) -> None:
@@ -247,29 +210,18 @@ class DockerKernel(KernelProcess):
         return raw.decode(errors="replace")[-max_chars:]
 
     async def cleanup(self) -> None:
-        if self._sealer is not None:
-            self._sealer.cancel()
+        for task in (self._sealer, self._poller):
+            if task is not None:
+                task.cancel()
         self._backend._forget(self)
         await self._backend._call(shutil.rmtree, self.runtime_dir, True)
 
-    async def _seal_runtime_dir(self, timeout: float) -> None:
-        """Once the kernel has bound its sockets, take its runtime directory back.
-
-        Otherwise code in the kernel could swap a socket for a symlink to some other unix
-        socket on the host, which the engine's ZMQ client would follow on its next
-        reconnect. Bound sockets stay connectable; the kernel no longer needs the directory.
-        Only possible when the kernel runs under another uid than the service (root service).
-        """
-        prefix = self.connection_info["ip"]
-        paths = [Path(f"{prefix}-{self.connection_info[k]}") for k in _SOCKET_PORT_KEYS]
-        deadline = self._loop.time() + timeout
-        while not all(p.is_socket() for p in paths):
-            if self._death.done() or self._loop.time() > deadline:
-                return
-            await asyncio.sleep(0.02)
-        with contextlib.suppress(OSError):
-            os.chown(self.runtime_dir, os.geteuid(), os.getegid())
-            os.chmod(self.runtime_dir, 0o755)
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "container_id": self.container_id,
+            "kernel_id": self.kernel_id,
+        }
 
     def memory_pss(self) -> int | None:
         """Proportional set size of everything in the container, from the host's /proc: tini
@@ -283,7 +235,7 @@ class DockerKernel(KernelProcess):
             pids += [
                 p.pid
                 for p in siblings
-                if p.pid != self.host_pid and _in_cgroup_of(p.pid, self.container_id)
+                if p.pid != self.host_pid and in_cgroup_of(p.pid, self.container_id)
             ]
         sizes = [tree_pss(pid) for pid in pids]
         return None if sizes[0] is None else sum(size or 0 for size in sizes)
@@ -302,15 +254,7 @@ class DockerBackend(KernelBackend):
     containers orphaned by a service that is gone (`reap_orphans`), and starts the event
     stream that reports deaths. `close()` removes every container this backend made.
 
-    Users and files. The kernel must read and replace what the service writes into the working
-    directory (uploads, saved images) and the service must read and delete what the kernel
-    writes there and in the runtime directory (sockets). So:
-      - service not root: the container runs as the service's own uid:gid; both sides own
-        everything they create, no chown is needed. The uid need not exist in the image.
-      - service root: the container runs as the image's `sandbox` user (1000:1000) and the
-        workdir tree and runtime directory are chowned to it at each start; root reads and
-        deletes anything. Files the service writes later are chowned to it too (`file_owner`).
-    `user=(uid, gid)` overrides the choice.
+    Users and files: see docker_files.py; `user=(uid, gid)` overrides the choice made there.
     """
 
     name = "docker"
@@ -349,7 +293,7 @@ class DockerBackend(KernelBackend):
                 f"Docker image {image!r} not found: build it with "
                 f"`scripts/build-kernel-image.sh {image}` (or `make image`)"
             ) from None
-        _warn_if_stale(image, found.labels or {})
+        warn_if_stale(image, found.labels or {})
         info = self.client.info()
         #: the OCI runtime of kernels (None: the engine's default), checked now: a runtime
         #: without what kernels need fails here with what to put in daemon.json
@@ -367,48 +311,48 @@ class DockerBackend(KernelBackend):
         # here, with a clear message, not at the first kernel start.
         self.host_paths = host_paths or HostPaths.detect(self.client)
         self.host_paths.to_host(self.runtime_root)
+        self.ownership = Ownership.decide(user, docker_runtime.userns_shift(info))
         #: what a container's uid and gid are shifted by, as this service sees files: not
         #: (0, 0) under the engine's userns-remap for a service not remapped alike
-        self.id_shift = docker_runtime.userns_shift(info)
-        if user is None:
-            user = SANDBOX_UID_GID if os.geteuid() == 0 else (os.geteuid(), os.getegid())
-        self.user = user  # as the container sees it
-        owner = self.host_ids(*user)
-        self._chown = owner != (os.geteuid(), os.getegid())
-        if self._chown and self.id_shift != (0, 0) and os.geteuid() != 0:
-            raise RuntimeError(
-                "the Docker engine remaps user namespaces (userns-remap): a kernel's files "
-                f"belong to uid {owner[0]} on the host, which only a root service can give them; "
-                "run the service as root"
-            )
-        self.file_owner = owner if self._chown else None
+        self.id_shift = self.ownership.id_shift
+        self.user = self.ownership.user  # as the container sees it
+        self.file_owner = self.ownership.file_owner
         # Held for the life of this backend: while it is held, our containers are not orphans.
         # flock is released by the kernel when the process dies, however it dies.
         self._lock_path = self.runtime_root / f"owner-{self.instance}.lock"
         self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._owner_labels = {
-            LABEL_INSTANCE: self.instance,
-            LABEL_PID: str(os.getpid()),
-            LABEL_PID_START: _process_start(os.getpid()),
-            LABEL_PIDNS: _pid_ns(),
-            LABEL_BOOT: _boot_id(),
-            LABEL_LOCK: str(self._lock_path),
-        }
-        if self.host_paths.container_id:
-            self._owner_labels[LABEL_CONTAINER] = self.host_paths.container_id
-            self._owner_labels[LABEL_CONTAINER_START] = self.host_paths.container_started or ""
+        self._target = ContainerTarget(
+            config=self.config,
+            image=image,
+            instance=self.instance,
+            labels=owner_labels(self.instance, str(self._lock_path), self.host_paths),
+            user=self.user,
+            runtime=self.runtime,
+            tmp_bytes=tmp_bytes,
+            log_bytes=log_bytes,
+        )
 
         if reap:
             self.reap_orphans()
-        # Replay from a little before now, so a reconnect of the stream misses nothing.
-        self._events_since = int(time.time()) - 1
-        self._events: Any = None
-        self._watcher = threading.Thread(
-            target=self._watch_deaths, name="kernelbox-docker-events", daemon=True
-        )
-        self._watcher.start()
+        self._watcher = DeathWatcher(self.client, self.instance, self._find, self._watched)
         self._reaper = self._start_reaper(orphan_watcher and client is None)
+
+    @classmethod
+    def from_settings(cls, config: KernelConfig, settings: Any) -> DockerBackend:
+        host_paths = None  # found by the backend (see hostpath.py)
+        if settings.host_data_dir is not None:
+            host_paths = HostPaths.fixed(settings.data_dir, settings.host_data_dir)
+        # Kernel sockets next to the sessions' files: for a service in a container, on the
+        # volume the engine binds into kernels, where a restarted service finds the locks that
+        # tell it which kernels are orphans.
+        return cls(
+            config,
+            image=settings.image,
+            runtime_root=settings.data_dir / "run",
+            host_paths=host_paths,
+            runtime=settings.docker_runtime,
+        )
 
     def _start_reaper(self, own_client: bool) -> subprocess.Popen | None:
         """The watcher that removes our containers if this process dies without closing
@@ -447,11 +391,23 @@ class DockerBackend(KernelBackend):
         with self._lock:
             self._kernels.pop(kernel.container_id, None)
 
+    def _find(self, container_id: str) -> DockerKernel | None:
+        with self._lock:
+            return self._kernels.get(container_id)
+
+    def _watched(self) -> list[str]:
+        with self._lock:
+            return list(self._kernels)
+
     def containers(self) -> list:
         """This backend's containers (running or not)."""
         return self.client.containers.list(
             all=True, filters=our_containers_filter(self.instance), ignore_removed=True
         )
+
+    def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """The host's ids for a container's `uid` and `gid` (see `id_shift`)."""
+        return self.ownership.host_ids(uid, gid)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -463,18 +419,39 @@ class DockerBackend(KernelBackend):
             info = new_connection_info(runtime_dir)
             inside = connection_info_at(info, CONTAINER_RUNTIME)
             write_connection_file(runtime_dir / "connection.json", inside)
-            if self._chown:
-                await self._call(self._give_to_kernel, workdir, runtime_dir)
+            if self.ownership.chown:
+                await self._call(self.ownership.give_to_kernel, workdir, runtime_dir)
         except BaseException:
             shutil.rmtree(runtime_dir, ignore_errors=True)
             raise
-        kernel = await self.launch(kernel_id, workdir, runtime_dir, env or {}, info=info)
-        if self._chown:
-            loop = asyncio.get_running_loop()
-            kernel._sealer = loop.create_task(kernel._seal_runtime_dir(self.config.start_timeout))
+        kernel = await self._launch(kernel_id, workdir, runtime_dir, env or {}, info=info)
+        if self.ownership.chown:
+            kernel._sealer = asyncio.get_running_loop().create_task(
+                seal_runtime_dir(info, runtime_dir, kernel._death.done, self.config.start_timeout)
+            )
         return kernel
 
-    async def launch(
+    async def launch_template(self, options: TemplateOptions) -> DockerKernel:
+        template_id = f"fs{uuid.uuid4().hex[:10]}"
+        # 0700 and the service's: the template gets in as its owner (see TEMPLATE_CAPS), runs
+        # do not.
+        runtime_dir = Path(tempfile.mkdtemp(prefix="f-", dir=self.runtime_root))
+        if self.id_shift != (0, 0):  # userns-remap: the template's root is another host uid
+            os.chown(runtime_dir, *self.host_ids(0, 0))
+        # A random uid range per template: no other container's processes share these uids
+        # (RLIMIT_NPROC counts per uid across the host). The template moves it into its user
+        # namespace's ids when they are fewer (userns-remap: 65536).
+        uid_base = 1_000_000 + secrets.randbelow(1_000_000) * 1024
+        return await self._launch(
+            template_id,
+            None,
+            runtime_dir,
+            {},
+            info=template_connection_info(runtime_dir / TEMPLATE_SOCKET),
+            customize=lambda kwargs: as_template(kwargs, options, self.config, uid_base),
+        )
+
+    async def _launch(
         self,
         kernel_id: str,
         workdir: Path | None,
@@ -493,7 +470,13 @@ class DockerBackend(KernelBackend):
         if self._closed:
             raise RuntimeError("the Docker backend is closed")
         try:
-            kwargs = self._container_args(kernel_id, workdir, runtime_dir, env)
+            kwargs = kernel_container(
+                self._target,
+                kernel_id,
+                self.host_paths.to_host(workdir) if workdir is not None else None,
+                self.host_paths.to_host(runtime_dir),
+                env,
+            )
             if customize is not None:
                 customize(kwargs)
             container = await self._call(self.client.containers.create, **kwargs)
@@ -520,261 +503,59 @@ class DockerBackend(KernelBackend):
                     "under runc with userns-remap, or under runsc without it"
                 ) from exc
             raise
+        self._set_host_pid(kernel, state)
+        return kernel
+
+    def _set_host_pid(self, kernel: DockerKernel, state: dict) -> None:
         pid = state.get("Pid") or None
         # The engine's pid is the host's: meaningless in a service that runs in a container
         # of its own (another pid namespace), where it may even name another process.
-        kernel.host_pid = pid if pid and _in_cgroup_of(pid, kernel.container_id) else None
+        kernel.host_pid = pid if pid and in_cgroup_of(pid, kernel.container_id) else None
+
+    async def attach(self, description: dict[str, Any]) -> DockerKernel:
+        """A handle on the running container that `DockerKernel.describe` described.
+
+        Its deaths are learnt from this backend's event stream only for containers this
+        backend made; for another backend's (a service restarted with its kernels kept),
+        `poll` asks the engine. Such a service must not reap them as orphans first
+        (`reap=False`): that is for the feature that keeps kernels across restarts to arrange.
+        """
+        if description.get("backend") != self.name:
+            raise ValueError(f"not a {self.name} kernel: {description.get('backend')!r}")
+        if self._closed:
+            raise RuntimeError("the Docker backend is closed")
+        container = await self._call(self.client.containers.get, description["container_id"])
+        if LABEL_INSTANCE not in (container.labels or {}):
+            raise ValueError(f"container {container.name} is not a kernelbox kernel")
+        kernel = DockerKernel(
+            self,
+            container,
+            container.labels.get(LABEL_KERNEL) or description.get("kernel_id", ""),
+            Path(description["workdir"]),
+            Path(description["runtime_dir"]),
+            dict(description["connection_info"]),
+            asyncio.get_running_loop(),
+        )
+        with self._lock:
+            self._kernels[kernel.container_id] = kernel
+        state = (await self._call(kernel._inspect))["State"]
+        self._set_host_pid(kernel, state)
+        if container.labels.get(LABEL_INSTANCE) != self.instance:
+            # Not in our event stream's filter: its death is learnt by asking.
+            kernel._poller = asyncio.get_running_loop().create_task(_poll_until_dead(kernel))
+        elif (ended := await kernel.poll()) is not None:
+            kernel._died(ended, "")
         return kernel
-
-    def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
-        """The host's ids for a container's `uid` and `gid` (see `id_shift`)."""
-        return uid + self.id_shift[0], gid + self.id_shift[1]
-
-    def _give_to_kernel(self, workdir: Path, runtime_dir: Path) -> None:
-        uid, gid = self.host_ids(*self.user)
-        os.chown(runtime_dir, uid, gid)
-        os.chown(runtime_dir / "connection.json", uid, gid)
-        # Through directory descriptors, never a link (the kernel may have planted links to
-        # host files), iteratively (its tree may be thousands of levels deep).
-        if not give_tree(workdir, (uid, gid)):
-            log.warning("%s: too many entries to give them all to the kernel", workdir)
-
-    def _container_args(
-        self, kernel_id: str, workdir: Path | None, runtime_dir: Path, extra: dict[str, str]
-    ) -> dict:
-        cfg = self.config
-        lim = cfg.limits
-        env = kernel_env(cfg, Path(CONTAINER_WORKDIR), Path(CONTAINER_RUNTIME), extra)
-        # kernel_env derives these from the host; use the container's (unless asked otherwise).
-        for key, value in {
-            "PATH": CONTAINER_PATH,
-            "TMPDIR": "/tmp",  # the size-limited tmpfs, not the host disk
-            "IPYTHONDIR": "/tmp/ipython",
-            "MPLCONFIGDIR": "/tmp/matplotlib",  # the entrypoint copies the prebuilt cache here
-        }.items():
-            if key not in cfg.env and key not in extra:
-                env[key] = value
-        env.update(boot_env(cfg))
-
-        ulimits = [Ulimit(name="core", soft=0, hard=0)]
-        if lim.open_files is not None:
-            ulimits.append(Ulimit(name="nofile", soft=lim.open_files, hard=lim.open_files))
-        if lim.file_size_bytes is not None:
-            size = int(lim.file_size_bytes)
-            ulimits.append(Ulimit(name="fsize", soft=size, hard=size))
-        limits: dict[str, Any] = {}
-        if lim.memory_bytes is not None:
-            # memswap = memory: no swap, so a memory bomb ends in the OOM killer, not thrashing.
-            limits["mem_limit"] = limits["memswap_limit"] = int(lim.memory_bytes)
-        if lim.cpus is not None:
-            limits["nano_cpus"] = int(lim.cpus * 1e9)
-        if lim.nice:
-            # Niceness only ranks processes inside one cgroup; between the service and the
-            # kernel containers it is CPU shares that decide (1024 is everyone's default).
-            limits["cpu_shares"] = 256
-        if lim.pids is not None:
-            limits["pids_limit"] = self.runtime.host_pids(int(lim.pids))
-            if self.runtime.gvisor:  # per sandbox there (see docker_runtime.py)
-                ulimits.append(Ulimit(name="nproc", soft=int(lim.pids), hard=int(lim.pids)))
-        uid, gid = self.user
-        return {
-            "image": self.image,
-            "command": ["-f", f"{CONTAINER_RUNTIME}/connection.json"],
-            "name": f"kernelbox-{self.instance[:8]}-{kernel_id}",
-            "hostname": "sandbox",
-            "labels": {
-                **self._owner_labels,
-                LABEL_KERNEL: kernel_id,
-                LABEL_CREATED: str(int(time.time())),
-            },
-            "environment": env,
-            "user": f"{uid}:{gid}",
-            "working_dir": CONTAINER_WORKDIR,
-            "network_mode": "none",
-            "read_only": True,
-            "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={int(self.tmp_bytes)},mode=1777"},
-            "mounts": [
-                *(
-                    [Mount(CONTAINER_WORKDIR, str(self.host_paths.to_host(workdir)), type="bind")]
-                    if workdir is not None
-                    else []
-                ),
-                Mount(CONTAINER_RUNTIME, str(self.host_paths.to_host(runtime_dir)), type="bind"),
-            ],
-            "cap_drop": ["ALL"],
-            "security_opt": ["no-new-privileges"],
-            "ipc_mode": "private",
-            "ulimits": ulimits,
-            # What the kernel's processes print outside the protocol (os.system("yes")) must
-            # not fill the host's disk.
-            "log_config": LogConfig(
-                type="json-file", config={"max-size": str(self.log_bytes), "max-file": "1"}
-            ),
-            **limits,
-            "runtime": self.runtime.name,
-        }
-
-    # -- deaths ------------------------------------------------------------------------------
-
-    def _watch_deaths(self) -> None:
-        filters = {
-            "type": "container",
-            "event": ["die"],
-            "label": [f"{LABEL_INSTANCE}={self.instance}"],
-        }
-        reconnect = False
-        while not self._closed:
-            try:
-                self._events = self.client.events(
-                    decode=True, since=self._events_since, filters=filters
-                )
-                if self._closed:
-                    break
-                if reconnect:
-                    self._sweep()  # deaths the daemon no longer remembers (it restarted)
-                for event in self._events:
-                    # Replays after a reconnect start here; a repeated event is harmless.
-                    self._events_since = max(self._events_since, int(event.get("time", 0)) - 1)
-                    attrs = event.get("Actor", {}).get("Attributes", {})
-                    self._on_die(event.get("id", ""), attrs.get("exitCode"))
-            except Exception as exc:
-                if self._closed:
-                    break
-                log.warning("Docker event stream broke (%s); reconnecting", exc)
-                reconnect = True
-                time.sleep(1.0)
-
-    def _sweep(self) -> None:
-        with self._lock:
-            ids = list(self._kernels)
-        for container_id in ids:
-            try:
-                state = self.client.api.inspect_container(container_id)["State"]
-            except NotFound:
-                state = {"Running": False, "Status": "removed"}
-            except DockerException:
-                continue
-            if not state.get("Running") and state.get("Status") != "created":
-                self._on_die(container_id, str(state.get("ExitCode", "")))
-
-    def _on_die(self, container_id: str, code: str | None) -> None:
-        with self._lock:
-            kernel = self._kernels.get(container_id)
-        if kernel is None:
-            return
-        exit_code = int(code) if code not in (None, "") else None
-        oom = False
-        try:
-            state = self.client.api.inspect_container(container_id)["State"]
-            oom = bool(state.get("OOMKilled"))
-            exit_code = state.get("ExitCode", exit_code)
-        except DockerException:
-            pass  # removed already (kill): the event's exit code is what we have
-        kernel._died(exit_info(exit_code, oom), kernel._logs(4000))
 
     # -- orphans -----------------------------------------------------------------------------
 
     def reap_orphans(self) -> list[str]:
-        """Remove containers whose owning service is gone; returns their names.
-
-        The owner of a container is a backend in some process. It is gone when:
-          - the host has rebooted since (boot id differs): nothing of it can be running; or
-          - its lock file can be locked: the owner held an exclusive flock on it for its whole
-            life, and the OS drops it when the process ends, SIGKILL included (and unlike a
-            pid, a lock cannot be mistaken for a newer process that reused the number); or
-          - its lock file is not to be seen here and the owner ran in a container (a service
-            deployed with docker-compose.yml) that is gone, stopped, or restarted since; or
-          - its lock file is gone (its runtime directory was deleted, so its kernels cannot be
-            reached either) and, in our pid namespace, the recorded pid is dead or now belongs
-            to a process with another start time.
-        Otherwise (another pid namespace without a visible lock) it is left alone: never kill
-        the kernels of a service that may be alive.
-        """
-        try:
-            found = self.client.containers.list(
-                all=True, filters=our_containers_filter(), ignore_removed=True
-            )
-        except DockerException as exc:
-            log.warning("could not list containers to remove orphans: %s", exc)
-            return []
-        verdicts: dict[str, bool] = {}
-        held: dict[str, int] = {}  # lock path -> fd we locked: its owner is gone
-        removed = []
-        try:
-            for container in found:
-                labels = container.labels
-                instance = labels.get(LABEL_INSTANCE, "")
-                if instance == self.instance:
-                    continue
-                if instance not in verdicts:
-                    verdicts[instance] = self._owner_gone(labels, held)
-                if verdicts[instance]:
-                    log.info("removing orphaned kernel container %s", container.name)
-                    with contextlib.suppress(DockerException):
-                        self._remove(container.id)
-                        removed.append(container.name)
-                    self._remove_runtime_dir(container, labels.get(LABEL_LOCK, ""), held)
-        finally:
-            for lock_path, fd in held.items():
-                # The dead owner's files go too: its whole root if it made it, else its lock.
-                root = Path(lock_path).parent
-                if root.name.startswith("kernelbox-docker-"):
-                    shutil.rmtree(root, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.unlink(lock_path)
-                os.close(fd)
-        return removed
-
-    def _remove_runtime_dir(self, container: Any, lock_path: str, held: dict[str, int]) -> None:
-        # Only a directory next to a lock we hold: a label or mount is no licence to delete.
-        if lock_path not in held:
-            return
-        root = Path(lock_path).parent
-        try:
-            host_root = self.host_paths.to_host(root)  # mount sources are the engine's paths
-        except RuntimeError:
-            return
-        for mount in container.attrs.get("Mounts", []):
-            source = Path(mount.get("Source") or "/")
-            if mount.get("Destination") == CONTAINER_RUNTIME and source.parent == host_root:
-                shutil.rmtree(root / source.name, ignore_errors=True)
+        """Remove containers whose owning service is gone; returns their names (see
+        docker_orphans.reap_orphans for how an owner is known to be gone)."""
+        return reap_orphans(self.client, self.instance, self.host_paths, self._remove)
 
     def _owner_gone(self, labels: dict[str, str], held: dict[str, int]) -> bool:
-        if labels.get(LABEL_BOOT) and _boot_id() and labels[LABEL_BOOT] != _boot_id():
-            return True
-        lock_path = labels.get(LABEL_LOCK, "")
-        if lock_path:
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                fd = -1
-            if fd >= 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    os.close(fd)
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        log.warning("cannot tell whether %s is held: %s", lock_path, exc)
-                    return False  # the owner holds it (alive), or we cannot tell
-                held[lock_path] = fd  # kept until its containers are removed
-                return True
-        if labels.get(LABEL_CONTAINER):
-            # An owner in a container whose lock we cannot see: that container is gone, not
-            # running, or was restarted since (a new process: the owner died).
-            try:
-                state = self.client.api.inspect_container(labels[LABEL_CONTAINER])["State"]
-            except NotFound:
-                return True
-            except DockerException as exc:
-                log.warning("cannot tell whether the owner of a kernel is alive: %s", exc)
-                return False
-            started = labels.get(LABEL_CONTAINER_START)
-            return not state.get("Running") or bool(started and state.get("StartedAt") != started)
-        if labels.get(LABEL_PIDNS) == _pid_ns() and labels.get(LABEL_PID, "").isdigit():
-            pid = int(labels[LABEL_PID])
-            return _process_start(pid) != labels.get(LABEL_PID_START)
-        return False
+        return owner_gone(self.client, labels, held)
 
     # -- close -------------------------------------------------------------------------------
 
@@ -795,9 +576,7 @@ class DockerBackend(KernelBackend):
         for container in await self._call(self.containers):
             with contextlib.suppress(DockerException):
                 await self._call(self._remove, container.id)
-        if self._events is not None:
-            with contextlib.suppress(Exception):
-                self._events.close()
+        self._watcher.close()
         self._executor.shutdown(wait=False)
         if self._own_root:
             shutil.rmtree(self.runtime_root, ignore_errors=True)
@@ -810,3 +589,12 @@ class DockerBackend(KernelBackend):
         if self._reaper is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(self._reaper.wait, 30)
+
+
+async def _poll_until_dead(kernel: DockerKernel, interval: float = 1.0) -> None:
+    while True:
+        ended = await kernel.poll()
+        if ended is not None:
+            kernel._died(ended, "")
+            return
+        await asyncio.sleep(interval)

@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 
@@ -37,9 +37,10 @@ from .base import (
     KernelBackend,
     KernelConfig,
     KernelProcess,
-    Limits,
+    TemplateOptions,
     connection_info_at,
     new_connection_info,
+    template_connection_info,
     write_connection_file,
 )
 from .bwrap import (
@@ -57,90 +58,20 @@ from .bwrap import (
     isolation_report,
     passwd_files,
 )
+from .launch import (
+    FORKSERVER_BOOT,
+    KERNEL_BOOT,
+    SANDBOX_SCRATCH,
+    TEMPLATE_SOCKET,
+    boot_env,
+    describe_exit,
+    kernel_env,
+    rlimits_for,
+    template_env,
+    tree_pss,
+)
 
 log = logging.getLogger(__name__)
-
-BOOT_SCRIPT = Path(__file__).resolve().parent.parent / "kernel_boot.py"
-
-# Thread pools in BLAS/OpenMP would otherwise size themselves to every core of the host.
-THREAD_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "BLIS_NUM_THREADS",
-)
-# Where a sandboxed process keeps its scratch files: its private /tmp, never the host's disk.
-SANDBOX_SCRATCH = {
-    "TMPDIR": "/tmp",
-    "IPYTHONDIR": "/tmp/ipython",
-    "MPLCONFIGDIR": "/tmp/matplotlib",
-}
-
-
-def describe_exit(code: int | None) -> ExitInfo:
-    if code is None:
-        return ExitInfo(None, "ended for an unknown reason")
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return ExitInfo(code, f"killed by signal {-code} ({name})")
-    return ExitInfo(code, f"exited with code {code}")
-
-
-def rlimits_for(limits: Limits, per_sandbox: bool = False) -> dict[str, int]:
-    """The rlimits of a kernel. RLIMIT_NPROC counts every process and thread of a uid in a
-    user namespace: only a sandbox (a uid or a user namespace of its own) can have it, or it
-    would count the service and every other kernel too."""
-    spec = {
-        "AS": limits.memory_bytes,
-        "FSIZE": limits.file_size_bytes,
-        "NOFILE": limits.open_files,
-        "CORE": 0,
-        "NPROC": limits.pids if per_sandbox else None,
-    }
-    return {k: int(v) for k, v in spec.items() if v is not None}
-
-
-def tree_pss(pid: int) -> int | None:
-    """Proportional set size of a process and all its descendants."""
-    try:
-        root = psutil.Process(pid)
-        return sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)])
-    except (psutil.Error, AttributeError):
-        return None
-
-
-def boot_env(config: KernelConfig) -> dict[str, str]:
-    """What kernel_boot.py reads from its environment besides the rlimits."""
-    env = {
-        "KERNELBOX_OUTPUT_CAP": str(config.output_cap_chars),
-        "KERNELBOX_IMAGE_CAP": str(config.image_cap_bytes),
-    }
-    if config.limits.nice:
-        env["KERNELBOX_NICE"] = str(config.limits.nice)
-    return env
-
-
-def kernel_env(config: KernelConfig, workdir: Path, runtime_dir: Path, extra: dict[str, str]):
-    """Build the kernel's environment from nothing: no secret of the service leaks in."""
-    env = {
-        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(workdir),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "TMPDIR": str(runtime_dir / "tmp"),
-        "PYTHONUNBUFFERED": "1",
-        "IPYTHONDIR": str(runtime_dir / "ipython"),
-        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-        **{var: "1" for var in THREAD_VARS},
-        **config.env,
-        **extra,
-    }
-    return env
 
 
 class OutputTail:
@@ -180,9 +111,11 @@ class OutputTail:
 
 
 class LocalKernel(KernelProcess):
-    """A kernel (or a fork-server template) started by `LocalBackend.launch`. In a sandbox,
+    """A kernel (or a fork-server template) started by `LocalBackend._launch`. In a sandbox,
     `init_pid` is the host pid of the sandbox's PID 1, and `runtime_dir` is reached through
     it (nothing of the sandbox is on the host's disk)."""
+
+    backend_name = "local"
 
     def __init__(
         self,
@@ -280,7 +213,22 @@ class LocalKernel(KernelProcess):
         return self._output.tail(max_chars)
 
     def memory_pss(self) -> int | None:
+        # A template's too: with the children it forked ahead of demand (they share its pages)
         return tree_pss(self._proc.pid)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pid": self.pid, "init_pid": self.init_pid}
+
+
+class LocalTemplate(LocalKernel):
+    """A fork-server template: a kernel process, plus the scratch directory of its runs."""
+
+    scratch: Path | None = None
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class LocalBackend(KernelBackend):
@@ -320,6 +268,12 @@ class LocalBackend(KernelBackend):
         self._mpl_task: asyncio.Task[bool] | None = None
         self._kernels: set[LocalKernel] = set()
 
+    @classmethod
+    def from_settings(cls, config: KernelConfig, settings: Any) -> LocalBackend:
+        return cls(
+            config, python=settings.kernel_python or sys.executable, sandbox=settings.local_sandbox
+        )
+
     @property
     def isolation(self) -> dict:
         return self._isolation
@@ -338,8 +292,8 @@ class LocalBackend(KernelBackend):
             kenv.update(boot_env(cfg))
             if self.private_network:
                 kenv["KERNELBOX_UNSHARE_NET"] = "1"
-            argv = [self.python, str(BOOT_SCRIPT), "-f", str(runtime_dir / "connection.json")]
-            return await self.launch(
+            argv = [self.python, str(KERNEL_BOOT), "-f", str(runtime_dir / "connection.json")]
+            return await self._launch(
                 argv, kenv, runtime_dir=runtime_dir, workdir=workdir, info=info
             )
         inside = Path(SANDBOX_RUNTIME)
@@ -350,9 +304,60 @@ class LocalBackend(KernelBackend):
         kenv.update(boot_env(cfg))
         argv = [self.python, f"{BOOT_DIR}/kernel_boot.py", "-f", f"{inside}/connection.json"]
         files = {f"{inside}/connection.json": json.dumps(info).encode()}
-        return await self.launch(argv, kenv, workdir=workdir, files=files, info=info)
+        return await self._launch(argv, kenv, workdir=workdir, files=files, info=info)
 
-    async def launch(
+    async def launch_template(self, options: TemplateOptions) -> LocalTemplate:
+        # Launched like a kernel: close() kills it and everything it forked.
+        runtime_dir = Path(tempfile.mkdtemp(prefix="fs-", dir=self.runtime_root))
+        slots = ["--slots", str(options.slots), "--prefork", str(options.prefork)]
+        env = kernel_env(self.config, runtime_dir, runtime_dir, {})
+        for key in ("IPYTHONDIR", "PYTHONUNBUFFERED"):  # kernel settings, not a script's
+            env.pop(key, None)
+        if self.bwrap is not None:
+            handle = await self._launch_sandboxed_template(options, runtime_dir, slots, env)
+        else:
+            handle = await self._launch_plain_template(options, runtime_dir, slots, env)
+        handle.connection_info = template_connection_info(handle.runtime_dir / TEMPLATE_SOCKET)
+        return handle
+
+    async def _launch_sandboxed_template(
+        self, options: TemplateOptions, runtime_dir: Path, slots: list[str], env: dict[str, str]
+    ) -> LocalTemplate:
+        # In a sandbox like a kernel's; its runs' directories on its private /tmp, each run in
+        # namespaces of its own where the machine allows. `runtime_dir` stays empty: a root
+        # service's template has a uid of its own while it exists.
+        scratch = {key: SANDBOX_SCRATCH[key] for key in ("TMPDIR", "MPLCONFIGDIR")}
+        env.update(scratch, HOME="/tmp", **template_env(options, self.config))
+        lim = self.config.limits
+        argv = [self.python, f"{BOOT_DIR}/forkserver_boot.py", *slots]
+        argv += ["--socket", f"{SANDBOX_RUNTIME}/{TEMPLATE_SOCKET}", "--runs", "/tmp"]
+        if self.runs_isolated:
+            argv.append("--isolate")
+            if lim.pids is not None:
+                env["KERNELBOX_NPROC"] = str(lim.pids)
+        handle = await self._launch(argv, env, owner=runtime_dir, template=True, kind=LocalTemplate)
+        assert isinstance(handle, LocalTemplate)
+        handle.scratch = runtime_dir
+        return handle
+
+    async def _launch_plain_template(
+        self, options: TemplateOptions, runtime_dir: Path, slots: list[str], env: dict[str, str]
+    ) -> LocalTemplate:
+        runs = _scratch_dir() or runtime_dir / "runs"
+        env.setdefault("MPLCONFIGDIR", str(self.runtime_root / "matplotlib"))
+        env.update(template_env(options, self.config))
+        if self.private_network:
+            env["KERNELBOX_UNSHARE_NET"] = "1"
+        socket = runtime_dir / TEMPLATE_SOCKET
+        argv = [self.python, str(FORKSERVER_BOOT), "--socket", str(socket), "--runs", str(runs)]
+        handle = await self._launch(
+            [*argv, *slots], env, runtime_dir=runtime_dir, kind=LocalTemplate
+        )
+        assert isinstance(handle, LocalTemplate)
+        handle.scratch = runs if runs.parent != runtime_dir else None
+        return handle
+
+    async def _launch(
         self,
         argv: list[str],
         env: dict[str, str],
@@ -537,6 +542,20 @@ class LocalBackend(KernelBackend):
         if self._mpl_task is not None and not self._mpl_task.done():
             self._mpl_task.cancel()
         shutil.rmtree(self.runtime_root, ignore_errors=True)
+
+
+def _scratch_dir() -> Path | None:
+    """A fresh 0700 directory on /dev/shm when that is a tmpfs, for the runs' working
+    directories: creating and removing a directory there costs a twentieth of what it costs
+    on a journaled disk (measured: 0.14 ms against 3 ms on ext4), and each run does both."""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            tmpfs = any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts)
+        if tmpfs:
+            return Path(tempfile.mkdtemp(prefix="kernelbox-runs-", dir="/dev/shm"))
+    except OSError:
+        pass
+    return None
 
 
 async def _sandbox_pid(fd: int, timeout: float) -> int:

@@ -8,8 +8,6 @@ which every access goes: bounded, off the event loop, never following a link).
 from __future__ import annotations
 
 import mimetypes
-import os
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request, Response
@@ -17,7 +15,6 @@ from fastapi.responses import StreamingResponse
 
 from kernelbox_wire.models import FileEntry
 from sandbox import files
-from sandbox.files import SessionFiles
 
 from ..deps import App, Owner
 from ..errors import ApiError
@@ -26,7 +23,6 @@ from .sessions import ERRORS
 router = APIRouter(prefix="/v1/sessions/{session_id}/files", tags=["files"])
 
 BAD_PATH = {400: {"description": "Absolute path, '..', or a path through a symlink"}}
-CHUNK = 1024**2
 
 
 def _no_file(path: str, session_id: str) -> ApiError:
@@ -90,40 +86,12 @@ async def put_file(
 )
 async def get_file(session_id: str, path: str, application: App, owner: Owner) -> Response:
     """The file's bytes, streamed as they are read (at most its size when it was opened)."""
-    source = application.files(session_id, owner)
     try:
-        fd, size = await source.open(path)
+        size, body = await application.files(session_id, owner).stream(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise _no_file(path, session_id) from None
-
-    stream = _chunks(source, fd, size)
-    try:
-        # Started here, so that its `finally` closes the file even if the body is never sent.
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = b""
-
-    async def body() -> AsyncIterator[bytes]:
-        yield first
-        async for chunk in stream:
-            yield chunk
-
     media = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    return StreamingResponse(body(), media_type=media, headers={"Content-Length": str(size)})
-
-
-async def _chunks(source: SessionFiles, fd: int, size: int) -> AsyncIterator[bytes]:
-    """The file's bytes in chunks, each read off the event loop; closes `fd` at the end."""
-    try:
-        left = size
-        while left > 0:
-            chunk = await source.read_chunk(fd, min(left, CHUNK))
-            if not chunk:
-                break  # it shrank meanwhile: the client sees a short body
-            left -= len(chunk)
-            yield chunk
-    finally:
-        os.close(fd)
+    return StreamingResponse(body, media_type=media, headers={"Content-Length": str(size)})
 
 
 @router.delete("/{path:path}", status_code=204, responses={**ERRORS, **BAD_PATH})
