@@ -43,13 +43,14 @@ RUN set -eu; \
     chown 1000:1000 /home/kernelbox /var/lib/kernelbox
 
 # --- Python dependencies (change when pyproject.toml does) -----------------------------------
-# Read from pyproject.toml (the project's dependencies + the server extra, minus KERNEL_ONLY), so
+# Read from both pyproject.toml (the client's and the server's dependencies, minus KERNEL_ONLY), so
 # this layer is rebuilt only when they change, never for a source edit. The protocol libraries
 # are pinned to the kernel image's versions. hatchling is installed here so that the project
 # itself installs without network below. EXTRA_CA_CERTS: see Dockerfile.kernel.
 ARG KERNEL_ONLY="ipykernel numpy pandas matplotlib"
 ARG EXTRA_CA_CERTS=""
 COPY pyproject.toml /tmp/kernelbox-deps/pyproject.toml
+COPY client/pyproject.toml /tmp/kernelbox-deps/client/pyproject.toml
 RUN set -eu; \
     python3 -m venv /opt/venv; \
     if [ -n "$EXTRA_CA_CERTS" ]; then \
@@ -59,9 +60,9 @@ RUN set -eu; \
     fi; \
     cd /tmp/kernelbox-deps; \
     /opt/venv/bin/python -c 'import re, sys, tomllib;\
-        project = tomllib.load(open("pyproject.toml", "rb"))["project"];\
-        skip = set(sys.argv[1].split());\
-        reqs = project["dependencies"] + project["optional-dependencies"]["server"];\
+        load = lambda path: tomllib.load(open(path, "rb"))["project"]["dependencies"];\
+        skip = set(sys.argv[1].split()) | {"kernelbox-client"};\
+        reqs = load("client/pyproject.toml") + load("pyproject.toml");\
         name = lambda r: re.split(r"[^A-Za-z0-9._-]", r, maxsplit=1)[0].lower().replace("_", "-");\
         print("\n".join(r for r in reqs if name(r) not in skip))' \
         "$KERNEL_ONLY" > requirements.txt; \
@@ -92,11 +93,12 @@ ENTRYPOINT ["/usr/bin/tini", "--", "/opt/kernelbox/entrypoint.sh"]
 CMD ["serve"]
 
 # --- The project (changes most often: last, two steps) ------------------------------------------
-# The context is exactly what .dockerignore lets through: pyproject.toml, README.md, the four
-# packages and the entrypoint. The import check proves the lean dependency set is enough.
+# The context is exactly what .dockerignore lets through: the two distributions (pyproject.toml,
+# client/, README.md, the packages and kernelbox_server's links to them) and the entrypoint.
+# The import check proves the lean dependency set is enough.
 COPY . /opt/kernelbox/src/
 RUN set -eu; \
     /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps \
-        --no-build-isolation /opt/kernelbox/src; \
+        --no-build-isolation /opt/kernelbox/src/client /opt/kernelbox/src; \
     install -m 0755 /opt/kernelbox/src/scripts/service-entrypoint.sh /opt/kernelbox/entrypoint.sh; \
-    /opt/venv/bin/python -c "import service.main, service.app, sandbox.backends.docker"
+    /opt/venv/bin/python -c "import kernelbox_server.service.main, kernelbox_server.service.app, kernelbox_server.sandbox.backends.docker"

@@ -6,13 +6,15 @@ IMAGE  ?= kernelbox-kernel:latest
 
 .PHONY: serve test lint image bench clean
 
-# The venv is rebuilt when pyproject.toml changes. uv makes the install fast; pip is the fallback.
+# The venv is rebuilt when a pyproject.toml changes. Both distributions are installed editable
+# (client/: kernelbox and kernelbox_wire; the root: kernelbox_server). uv makes the install
+# fast; pip is the fallback.
 # Bytecode is compiled now: sandboxed kernels see the environment read-only, and without .pyc
 # files each one would compile the data stack again (seconds per start).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
-	$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -e '.[server,dev]' || $(PY) -m pip install -q -e '.[server,dev]'
+	$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -e ./client -e '.[dev]' || $(PY) -m pip install -q -e ./client -e '.[dev]'
 	touch $@
 
 # The local backend sandboxes kernels with bubblewrap: installed here when missing and root,

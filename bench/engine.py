@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import raw_client, raw_roundtrip, row, stats_ms, timed
-from sandbox.backends.base import KernelBackend
-from sandbox.session import KernelSession
+from kernelbox_server.sandbox.backends.base import KernelBackend
+from kernelbox_server.sandbox.session import KernelSession
 
 
 def make_backend(name: str) -> KernelBackend:
     if name == "docker":
-        from sandbox.backends.docker import DockerBackend
+        from kernelbox_server.sandbox.backends.docker import DockerBackend
 
         return DockerBackend()
-    from sandbox.backends.local import LocalBackend
+    from kernelbox_server.sandbox.backends.local import LocalBackend
 
     return LocalBackend()
 

@@ -32,8 +32,8 @@ import httpx
 from bench.common import raw_client, raw_roundtrip, row, start_server, stats_ms, timed, wait_ready
 from bench.runcode import STACK_CODE, Connection, drive, kernelbox_run
 from bench.service import http_execute
-from sandbox.backends.docker import LABEL_KERNEL, LABEL_PID, DockerBackend
-from sandbox.session import KernelSession
+from kernelbox_server.sandbox.backends.docker import LABEL_KERNEL, LABEL_PID, DockerBackend
+from kernelbox_server.sandbox.session import KernelSession
 
 
 @dataclass

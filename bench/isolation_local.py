@@ -31,8 +31,8 @@ import psutil
 
 from bench.common import row, start_server, stats_ms, timed, wait_ready
 from bench.runcode import STACK_CODE, Connection, drive, kernelbox_run
-from sandbox.backends.local import LocalBackend
-from sandbox.session import KernelSession
+from kernelbox_server.sandbox.backends.local import LocalBackend
+from kernelbox_server.sandbox.session import KernelSession
 
 MODES = ("none", "bwrap")  # KERNELBOX_LOCAL_SANDBOX of each series
 WARM = 3

@@ -32,8 +32,12 @@ from bench.common import (
     wait_ready,
 )
 from bench.engine import make_backend
-from sandbox.backends.base import SANDBOX_RUNTIME, SANDBOX_WORKDIR, connection_info_at
-from sandbox.session import KernelSession
+from kernelbox_server.sandbox.backends.base import (
+    SANDBOX_RUNTIME,
+    SANDBOX_WORKDIR,
+    connection_info_at,
+)
+from kernelbox_server.sandbox.session import KernelSession
 
 
 def connection_info_of(server_pid: int, session_id: str, backend: str) -> dict:

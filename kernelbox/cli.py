@@ -1,4 +1,4 @@
-"""The `kernelbox` command: `serve` (needs the server extra), `exec`, `agent`."""
+"""The `kernelbox` command: `serve` (needs the server distribution), `exec`, `agent`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from .agent import cli as agent_cli
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from service.main import serve
-        from service.settings import Settings
+        from kernelbox_server.service.main import serve
+        from kernelbox_server.service.settings import Settings
     except ImportError as exc:
         print(
-            f"kernelbox serve needs the server extra: pip install 'kernelbox[server]' ({exc})",
+            "kernelbox serve needs the server distribution, kernelbox-server: from a clone of "
+            f"the repository, pip install ./client . ({exc})",
             file=sys.stderr,
         )
         return 2

@@ -26,6 +26,7 @@ class Remover(Protocol):
 
     async def remove(self, workdir: Path) -> None: ...
 
+
 #: bytes read per step when a file is streamed out
 CHUNK_BYTES = 1024**2
 

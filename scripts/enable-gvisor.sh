@@ -22,7 +22,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 engine_ok() {
     docker info --format '{{json .}}' | PYTHONPATH="$ROOT" python3 -c '
 import json, sys
-from sandbox.backends.docker_runtime import check
+from kernelbox_server.sandbox.backends.docker_runtime import check
 try:
     check(json.load(sys.stdin), sys.argv[1])
 except RuntimeError as exc:
@@ -44,7 +44,7 @@ fi
 log "registering $NAME in $DAEMON_JSON"
 as_root env PYTHONPATH="$ROOT" python3 - "$DAEMON_JSON" "$NAME" "$(command -v runsc)" <<'EOF'
 import json, os, sys
-from sandbox.backends.docker_runtime import Runtime, missing_args
+from kernelbox_server.sandbox.backends.docker_runtime import Runtime, missing_args
 
 path, name, runsc = sys.argv[1:]
 config = {}

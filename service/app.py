@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from kernelbox import __version__
-from sandbox.backends import registry
-from sandbox.backends.base import KernelBackend, KernelConfig, Limits
-from sandbox.capture import CaptureLimits
-from sandbox.files import FileIO, FileLimits
-from sandbox.forkserver import ForkServer, ForkServerOptions
-from sandbox.manager import ManagerOptions, SessionManager
-from sandbox.pool import KernelPool
-from sandbox.session import SessionOptions
-from sandbox.workdirs import Workdirs
+from kernelbox_server.sandbox.backends import registry
+from kernelbox_server.sandbox.backends.base import KernelBackend, KernelConfig, Limits
+from kernelbox_server.sandbox.capture import CaptureLimits
+from kernelbox_server.sandbox.files import FileIO, FileLimits
+from kernelbox_server.sandbox.forkserver import ForkServer, ForkServerOptions
+from kernelbox_server.sandbox.manager import ManagerOptions, SessionManager
+from kernelbox_server.sandbox.pool import KernelPool
+from kernelbox_server.sandbox.session import SessionOptions
+from kernelbox_server.sandbox.workdirs import Workdirs
 
 from . import errors
 from .application import Application

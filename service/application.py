@@ -14,6 +14,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from kernelbox_server.sandbox.errors import SandboxError
+from kernelbox_server.sandbox.forkserver import ForkServer, RunRequest, RunResult
+from kernelbox_server.sandbox.manager import NotebookRun, SessionManager
+from kernelbox_server.sandbox.session import OnEvent
+from kernelbox_server.sandbox.workspace import Workspace
 from kernelbox_wire.models import (
     CreateSessionRequest,
     ErrorInfo,
@@ -28,11 +33,6 @@ from kernelbox_wire.models import (
 )
 from kernelbox_wire.render import image_base64, render_message, render_text
 from kernelbox_wire.tools import InvalidArguments, extract_code
-from sandbox.errors import SandboxError
-from sandbox.forkserver import ForkServer, RunRequest, RunResult
-from sandbox.manager import NotebookRun, SessionManager
-from sandbox.session import OnEvent
-from sandbox.workspace import Workspace
 
 from .metrics import Metrics
 from .settings import Settings

@@ -11,15 +11,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from kernelbox_wire.models import ErrorBody, ErrorDetail
-from sandbox.errors import (
+from kernelbox_server.sandbox.errors import (
     KernelStartError,
     PoolExhausted,
     SessionBusy,
     SessionClosed,
     SessionNotFound,
 )
-from sandbox.files import FileOpTimeout, FileTooLarge, UnsafePath
+from kernelbox_server.sandbox.files import FileOpTimeout, FileTooLarge, UnsafePath
+from kernelbox_wire.models import ErrorBody, ErrorDetail
 
 from .application import CodeTooLarge
 

@@ -11,7 +11,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from sandbox.manager import SessionManager
+from kernelbox_server.sandbox.manager import SessionManager
 
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()

@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
-        from sandbox.backends import registry  # entry points only: no backend is imported
+        from kernelbox_server.sandbox.backends import (
+            registry,  # entry points only: no backend is imported
+        )
 
         names = registry.available()
         if names and value not in names:

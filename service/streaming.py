@@ -11,8 +11,8 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from fastapi.sse import format_sse_event
 
+from kernelbox_server.sandbox.session import OnEvent
 from kernelbox_wire.models import ErrorBody, ErrorDetail, Execution
-from sandbox.session import OnEvent
 
 from .errors import ENGINE_ERRORS
 

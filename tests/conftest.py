@@ -81,7 +81,7 @@ def no_container_left_behind():
     try:
         import docker
 
-        from sandbox.backends.docker import our_containers_filter
+        from kernelbox_server.sandbox.backends.docker import our_containers_filter
 
         client = docker.from_env()
         client.ping()

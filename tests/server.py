@@ -13,9 +13,9 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
-from service.http import http_protocol
-from service.settings import Settings
+from kernelbox_server.service.app import create_app
+from kernelbox_server.service.http import http_protocol
+from kernelbox_server.service.settings import Settings
 
 
 def free_port() -> int:

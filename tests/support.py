@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from sandbox.backends.base import KernelBackend, KernelConfig
-from sandbox.backends.local import LocalBackend
+from kernelbox_server.sandbox.backends.base import KernelBackend, KernelConfig
+from kernelbox_server.sandbox.backends.local import LocalBackend
 
 IMAGE = os.environ.get("KERNELBOX_IMAGE", "kernelbox-kernel:latest")
 REQUIRE_DOCKER = os.environ.get("KERNELBOX_REQUIRE_DOCKER") == "1"
@@ -53,7 +53,7 @@ def make_backend(name: str, config: KernelConfig | None = None) -> KernelBackend
         return LocalBackend(config)
     if name == "docker":
         require_docker()
-        from sandbox.backends.docker import DockerBackend
+        from kernelbox_server.sandbox.backends.docker import DockerBackend
 
         return DockerBackend(config, image=IMAGE, runtime=DOCKER_RUNTIME)
     raise ValueError(name)

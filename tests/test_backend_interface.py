@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from sandbox.backends import registry
-from sandbox.backends.base import CannotAttach
-from sandbox.backends.local import LocalBackend
-from sandbox.kernel import Kernel
+from kernelbox_server.sandbox.backends import registry
+from kernelbox_server.sandbox.backends.base import CannotAttach
+from kernelbox_server.sandbox.backends.local import LocalBackend
+from kernelbox_server.sandbox.kernel import Kernel
 from tests.support import DOCKER_RUNTIME, IMAGE, require_docker
 
 
@@ -40,7 +40,7 @@ async def test_a_local_kernel_is_described_but_not_attached(tmp_path):
 @pytest.mark.docker
 async def test_a_docker_kernel_is_attached_from_its_description(tmp_path):
     require_docker()
-    from sandbox.backends.docker import DockerBackend
+    from kernelbox_server.sandbox.backends.docker import DockerBackend
 
     backend = DockerBackend(image=IMAGE, runtime=DOCKER_RUNTIME)
     try:

@@ -1,5 +1,5 @@
-"""A client-only install: `pip install kernelbox` (no `server` extra) into a fresh venv pulls
-only httpx and pydantic, and that install works against a real service.
+"""A client-only install: `pip install ./client` into a fresh venv installs only the client and
+the wire package, pulls only httpx and pydantic, and works against a real service.
 
 Slow (a venv, a wheel build, a download of httpx and pydantic); skipped when PyPI cannot be
 reached.
@@ -32,8 +32,8 @@ CLIENT_SCRIPT = textwrap.dedent(
 
     HEAVY = sys.argv[1].split(",")
     installed = [name for name in HEAVY if importlib.util.find_spec(name) is not None]
-    assert not installed, f"installed without the server extra: {installed}"
-    ENGINE = ("sandbox", "service", "kernelbox_server")
+    assert not installed, f"installed with the client alone: {installed}"
+    ENGINE = ("kernelbox_server", "sandbox", "service")
     engine = [m for m in sys.modules if m.split(".")[0] in ENGINE]
     assert not engine, engine  # the client and the wire load nothing of the engine
 
@@ -78,7 +78,15 @@ def test_client_only_install_works_against_the_service(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            str(ROOT / "client"),
+        ],
         capture_output=True,
         text=True,
         timeout=540,
@@ -89,8 +97,15 @@ def test_client_only_install_works_against_the_service(tmp_path):
         [str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
     ).stdout.lower()
     names = {line.split("==")[0].replace("_", "-") for line in frozen.split()}
-    assert {"kernelbox", "httpx", "pydantic"} <= names
+    assert {"kernelbox-client", "httpx", "pydantic"} <= names
     assert not names & {"fastapi", "uvicorn", "jupyter-client", "pyzmq", "psutil", "numpy"}
+    assert not names & {"kernelbox", "kernelbox-server"}
+    # Only the client and the wire package of ours, and nothing by a generic name.
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    ours = sorted(
+        p.name for p in site.iterdir() if p.name.startswith(("kernelbox", "sandbox", "service"))
+    )
+    assert [n for n in ours if not n.endswith(".dist-info")] == ["kernelbox", "kernelbox_wire"]
 
     with running_server(min_idle=2) as server:
         env = {**os.environ, "KERNELBOX_URL": server.url}
@@ -124,4 +139,4 @@ def test_client_only_install_works_against_the_service(tmp_path):
     serve = subprocess.run(
         [kernelbox, "serve"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
     )
-    assert serve.returncode == 2 and "pip install 'kernelbox[server]'" in serve.stderr
+    assert serve.returncode == 2 and "pip install ./client ." in serve.stderr

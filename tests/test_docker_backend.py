@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.backends.base import KernelConfig, Limits
-from sandbox.session import KernelSession
+from kernelbox_server.sandbox.backends.base import KernelConfig, Limits
+from kernelbox_server.sandbox.session import KernelSession
 from tests.support import DOCKER_RUNTIME, IMAGE, require_docker
 
 pytestmark = pytest.mark.docker
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 async def dbackend():
     require_docker()
-    from sandbox.backends.docker import DockerBackend
+    from kernelbox_server.sandbox.backends.docker import DockerBackend
 
     backend = DockerBackend(
         KernelConfig(limits=LIMITS), image=IMAGE, tmp_bytes=TMP_BYTES, runtime=DOCKER_RUNTIME
@@ -369,7 +369,7 @@ async def test_mounts_keep_the_hosts_nosuid_nodev(nosuid_fs):
     both a device node planted by the host (code has no CAP_MKNOD) cannot be opened, as it
     could be from a bind mount of a plain filesystem."""
     require_docker()
-    from sandbox.backends.docker import DockerBackend
+    from kernelbox_server.sandbox.backends.docker import DockerBackend
 
     workdir = nosuid_fs / "work"
     workdir.mkdir()
@@ -412,7 +412,7 @@ async def test_mounts_keep_the_hosts_nosuid_nodev(nosuid_fs):
 
 async def test_a_runtime_the_engine_lacks_is_refused_at_start():
     require_docker()
-    from sandbox.backends.docker import DockerBackend
+    from kernelbox_server.sandbox.backends.docker import DockerBackend
 
     with pytest.raises(RuntimeError, match="no runtime 'kernelbox-no-such-runtime'"):
         DockerBackend(image=IMAGE, runtime="kernelbox-no-such-runtime")
@@ -566,7 +566,7 @@ async def test_kernel_death_is_reported(dbackend, workdir):
 CHILD = """
 import asyncio, sys, time
 from pathlib import Path
-from sandbox.backends.docker import DockerBackend
+from kernelbox_server.sandbox.backends.docker import DockerBackend
 
 async def main():
     root = Path(sys.argv[3]) if len(sys.argv) > 3 else None
@@ -591,7 +591,7 @@ def _container_exists(container_id: str) -> bool:
 async def test_containers_of_a_killed_service_are_removed_by_the_next_backend(
     dbackend, session, workdir, tmp_path, shared_root
 ):
-    from sandbox.backends.docker import DockerBackend
+    from kernelbox_server.sandbox.backends.docker import DockerBackend
 
     # shared_root: an operator-given runtime_root that each service run reuses.
     root = tmp_path / "rt" if shared_root else None
@@ -644,7 +644,7 @@ async def test_a_killed_owners_containers_are_removed_by_its_watcher(dbackend, w
 
 async def test_close_removes_every_container(workdir, tmp_path):
     require_docker()
-    from sandbox.backends.docker import DockerBackend
+    from kernelbox_server.sandbox.backends.docker import DockerBackend
 
     backend = DockerBackend(KernelConfig(limits=LIMITS), image=IMAGE, runtime=DOCKER_RUNTIME)
     second = tmp_path / "second"

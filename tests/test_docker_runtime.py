@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sandbox.backends.docker_runtime import check, userns_shift
+from kernelbox_server.sandbox.backends.docker_runtime import check, userns_shift
 
 LEAD = {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--host-uds=all"]}
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.backends.base import KernelConfig, Limits
-from sandbox.forkserver import ForkServer, ForkServerOptions, RunRequest
-from sandbox.session import KernelSession
+from kernelbox_server.sandbox.backends.base import KernelConfig, Limits
+from kernelbox_server.sandbox.forkserver import ForkServer, ForkServerOptions, RunRequest
+from kernelbox_server.sandbox.session import KernelSession
 from tests.support import DOCKER_RUNTIME, IMAGE, require_docker
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
@@ -140,7 +140,7 @@ def remapped_engine():
 
 
 async def test_kernels_and_runs_work_under_userns_remap(remapped_engine, tmp_path):
-    from sandbox.backends.docker import DockerBackend
+    from kernelbox_server.sandbox.backends.docker import DockerBackend
 
     backend = DockerBackend(
         KernelConfig(limits=LIMITS), image=IMAGE, client=remapped_engine, runtime=DOCKER_RUNTIME

@@ -11,10 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox.backends.base import KernelConfig, Limits
-from sandbox.backends.local import LocalBackend
-from sandbox.errors import SessionBusy
-from sandbox.session import KernelSession, SessionOptions
+from kernelbox_server.sandbox.backends.base import KernelConfig, Limits
+from kernelbox_server.sandbox.backends.local import LocalBackend
+from kernelbox_server.sandbox.errors import SessionBusy
+from kernelbox_server.sandbox.session import KernelSession, SessionOptions
 from tests.support import make_backend
 
 

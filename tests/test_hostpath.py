@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import pytest
 from docker.errors import NotFound
 
-from sandbox.backends.docker import (
+from kernelbox_server.sandbox.backends.docker import (
     LABEL_CONTAINER,
     LABEL_CONTAINER_START,
     LABEL_LOCK,
     LABEL_PIDNS,
     DockerBackend,
 )
-from sandbox.backends.hostpath import HostPathError, HostPaths, own_container_id
+from kernelbox_server.sandbox.backends.hostpath import HostPathError, HostPaths, own_container_id
 
 CID = "267686153b041c01cdc4acd9d4dec6806f49b8dc51b2610305128739b5b7b372"
 # As the engine writes them (Docker 20.10, ext4 /var/lib/docker on the root filesystem).
@@ -110,7 +110,7 @@ def test_identity_on_the_host_and_fixed_mapping():
 
 
 def test_detect_on_the_host_asks_no_engine(monkeypatch):
-    import sandbox.backends.hostpath as hostpath
+    import kernelbox_server.sandbox.backends.hostpath as hostpath
 
     monkeypatch.setattr(hostpath, "own_container_id", lambda: None)
     monkeypatch.setattr(hostpath.socket, "gethostname", lambda: "builder")
@@ -118,7 +118,7 @@ def test_detect_on_the_host_asks_no_engine(monkeypatch):
 
 
 def test_detect_in_a_container(monkeypatch):
-    import sandbox.backends.hostpath as hostpath
+    import kernelbox_server.sandbox.backends.hostpath as hostpath
 
     monkeypatch.setattr(hostpath, "own_container_id", lambda: CID)
     asked = []

@@ -29,11 +29,11 @@ import httpx
 import psutil
 import pytest
 
-from sandbox.files import FileIO
-from sandbox.workdirs import Workdirs
-from service.app import create_app
-from service.auth import owner_of
-from service.settings import Settings
+from kernelbox_server.sandbox.files import FileIO
+from kernelbox_server.sandbox.workdirs import Workdirs
+from kernelbox_server.service.app import create_app
+from kernelbox_server.service.auth import owner_of
+from kernelbox_server.service.settings import Settings
 from tests.server import _wait_for_warm, free_port, running_server
 from tests.support import DOCKER_RUNTIME, IMAGE, container_cmdlines, require_docker
 
@@ -752,7 +752,7 @@ class _Kernel:
 def _containers_of(pid: int) -> list:
     import docker
 
-    from sandbox.backends.docker import our_containers_filter
+    from kernelbox_server.sandbox.backends.docker import our_containers_filter
 
     client = docker.from_env()
     return client.containers.list(filters=our_containers_filter(pid=pid), ignore_removed=True)
@@ -761,7 +761,7 @@ def _containers_of(pid: int) -> list:
 def _remove_containers_of(pid: int) -> None:
     import docker
 
-    from sandbox.backends.docker import our_containers_filter
+    from kernelbox_server.sandbox.backends.docker import our_containers_filter
 
     client = docker.from_env()
     for container in client.containers.list(all=True, filters=our_containers_filter(pid=pid)):
@@ -804,9 +804,9 @@ NON_ROOT_ENGINE = """
 import asyncio, json, os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from sandbox.backends.base import KernelConfig, Limits
-from sandbox.backends.local import LocalBackend
-from sandbox.session import KernelSession
+from kernelbox_server.sandbox.backends.base import KernelConfig, Limits
+from kernelbox_server.sandbox.backends.local import LocalBackend
+from kernelbox_server.sandbox.session import KernelSession
 
 BOMB = '''
 import errno, os, time

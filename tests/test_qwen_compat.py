@@ -14,9 +14,9 @@ import pytest
 import qwen_agent.tools.code_interpreter as code_interpreter
 from jupyter_client import BlockingKernelClient
 
+from kernelbox_server.sandbox.backends.local import LocalBackend
+from kernelbox_server.sandbox.session import KernelSession
 from kernelbox_wire.render import render_text
-from sandbox.backends.local import LocalBackend
-from sandbox.session import KernelSession
 
 IMAGE_RE = re.compile(r"!\[fig-\d+\]\([^)]*\)")
 

@@ -1,9 +1,10 @@
 """Backends by name, found through the `kernelbox.backends` entry-point group.
 
 As jupyter_client finds kernel provisioners: each backend is a `KernelBackend` subclass
-declared in pyproject.toml (`local = "sandbox.backends.local:LocalBackend"`), so another
-package adds one by declaring its own entry point, and the service picks it by name. A backend
-builds itself from the service's settings (`KernelBackend.from_settings`).
+declared in pyproject.toml
+(`local = "kernelbox_server.sandbox.backends.local:LocalBackend"`), so another package adds
+one by declaring its own entry point, and the service picks it by name. A backend builds
+itself from the service's settings (`KernelBackend.from_settings`).
 """
 
 from __future__ import annotations

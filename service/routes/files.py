@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from kernelbox_server.sandbox import files
 from kernelbox_wire.models import FileEntry
-from sandbox import files
 
 from ..deps import App, Owner
 from ..errors import ApiError

@@ -21,6 +21,9 @@ import binascii
 
 from fastapi import APIRouter
 
+from kernelbox_server.sandbox import files as sandbox_files
+from kernelbox_server.sandbox.errors import KernelStartError, PoolExhausted
+from kernelbox_server.sandbox.forkserver import ForkServerError, RunRequest
 from kernelbox_wire.models import Execution
 from kernelbox_wire.sandboxfusion import (
     CellRunResult,
@@ -32,9 +35,6 @@ from kernelbox_wire.sandboxfusion import (
     RunJupyterResponse,
     RunStatus,
 )
-from sandbox import files as sandbox_files
-from sandbox.errors import KernelStartError, PoolExhausted
-from sandbox.forkserver import ForkServerError, RunRequest
 
 from ..deps import App, Owner
 from ..settings import Settings

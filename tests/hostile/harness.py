@@ -154,7 +154,7 @@ class Service:
             return []
         import docker
 
-        from sandbox.backends.docker import LABEL_PID
+        from kernelbox_server.sandbox.backends.docker import LABEL_PID
 
         client = docker.from_env()
         return client.containers.list(
