@@ -1,6 +1,6 @@
 """The wire schema: one definition shared by the engine, the service and the client.
 
-Field names of `Execution` and `Session` are fixed by the HTTP contract (PRODUCT.md);
+Field names of `Execution` and `Session` are fixed by the HTTP contract (README, "HTTP API");
 fields added here only extend it.
 """
 

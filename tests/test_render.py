@@ -1,4 +1,4 @@
-"""Renderings, byte for byte (PRODUCT.md, "Renderings")."""
+"""Renderings, byte for byte (docs/renderings.md)."""
 
 from __future__ import annotations
 
