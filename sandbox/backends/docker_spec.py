@@ -34,6 +34,7 @@ CONTAINER_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 
 # Docker: where the image keeps the entry file (next to kernel_boot.py, see Dockerfile.kernel).
 CONTAINER_BOOT = "/opt/kernelbox/forkserver_boot.py"
+SCRATCH_DIRS = ("/tmp", "/mnt", "/data")  # forkserver_boot.SCRATCH_ROOTS
 CONTAINER_RUNS = "/tmp"  # the container's size-limited tmpfs, as SandboxFusion's /tmp/tmpXXXX
 # Same start as the kernel image's entrypoint (a writable copy of the prebuilt matplotlib
 # cache), then the fork server instead of the kernel.
@@ -160,7 +161,11 @@ def kernel_container(
         "working_dir": CONTAINER_WORKDIR,
         "network_mode": "none",
         "read_only": True,
-        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={int(target.tmp_bytes)},mode=1777"},
+        # /mnt and /data as /tmp: scratch of the container's own (SandboxFusion's code writes
+        # there); a template's runs each own what they make there, swept after the run.
+        "tmpfs": {
+            path: f"rw,nosuid,nodev,size={int(target.tmp_bytes)},mode=1777" for path in SCRATCH_DIRS
+        },
         "mounts": [
             *(
                 [Mount(CONTAINER_WORKDIR, str(workdir_on_host), type="bind")]
@@ -191,7 +196,7 @@ def as_template(
     env = kwargs["environment"]
     env.update(template_env(options, config))
     env["HOME"] = CONTAINER_RUNS
-    env["KERNELBOX_SWEEP"] = f"{CONTAINER_RUNS}:/dev/shm"
+    env["KERNELBOX_SWEEP"] = ":".join(dict.fromkeys([CONTAINER_RUNS, *SCRATCH_DIRS, "/dev/shm"]))
     lim = config.limits
     if lim.pids is not None:
         env["KERNELBOX_NPROC"] = str(lim.pids)
