@@ -52,6 +52,7 @@ CONTAINER_ENTRY = (
 TEMPLATE_CAPS = ["SETUID", "SETGID"]
 # SysV IPC objects outlive processes and are shared by the container's runs: none at all
 # (POSIX shared memory and semaphores, in /dev/shm, keep working and are swept).
+LOOPBACK_V6 = {"net.ipv6.conf.lo.disable_ipv6": "0"}
 NO_SYSV_IPC = {
     "kernel.shmmni": "1",
     "kernel.shmall": "0",
@@ -184,6 +185,9 @@ def kernel_container(
             type="json-file", config={"max-size": str(target.log_bytes), "max-file": "1"}
         ),
         **limits,
+        # network=none leaves lo up but turns IPv6 off on it: ::1 back, as a host has it.
+        # (gVisor's own network stack has ::1 on its loopback already.)
+        "sysctls": {} if target.runtime.gvisor else dict(LOOPBACK_V6),
         "runtime": target.runtime.name,
     }
 
@@ -218,5 +222,5 @@ def as_template(
         user="0:0",
         working_dir=CONTAINER_RUNS,
         cap_add=TEMPLATE_CAPS,
-        sysctls=NO_SYSV_IPC,
+        sysctls={**kwargs["sysctls"], **NO_SYSV_IPC},
     )
