@@ -1,7 +1,8 @@
 """SandboxFusion's request and response models, field for field (its server's
 `sandbox/server/sandbox_api.py` and `sandbox/runners/types.py`), so that its PyPI client and
 the RL frameworks that post these bodies (verl, SimpleTIR, ToRL) work against kernelbox
-unchanged. Only `language: "python"` runs here; see service/routes/sandboxfusion.py.
+unchanged. Only `language: "python"` and `"pytest"` run here; see
+service/routes/sandboxfusion.py.
 
 Field order, defaults and enum strings matter: clients parse the answers with these models
 (pydantic v1 in the `sandbox-fusion` package), and nulls are sent, not left out.
@@ -14,8 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+# Every language SandboxFusion's server or its PyPI client names (the client's list adds
+# python2, gtest and react): each gets an answer the client treats as final, not a 422.
 Language = Literal[
     "python",
+    "python2",
     "cpp",
     "nodejs",
     "go",
@@ -44,6 +48,8 @@ Language = Literal[
     "lean",
     "swift",
     "racket",
+    "gtest",
+    "react",
 ]
 
 

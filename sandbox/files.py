@@ -101,6 +101,26 @@ def split_relative(path: str) -> list[str]:
     return parts
 
 
+#: absolute paths a sandbox's code may use for scratch files (SandboxFusion's `/mnt/b`): each
+#: sandbox's own (a run's own, on the fork server), never the host's
+SCRATCH_ROOTS = ("/tmp", "/mnt", "/data")
+
+
+def split_scratch(path: str) -> list[str]:
+    """The components of an absolute path under a SCRATCH_ROOTS entry (the root first), or
+    UnsafePath; `..` is refused, not resolved."""
+    if not path or "\x00" in path:
+        raise UnsafePath("the path is empty or contains a NUL byte")
+    parts = [p for p in PurePosixPath(path).parts[1:] if p not in ("", ".")]
+    if not path.startswith("/") or any(p == ".." for p in parts):
+        raise UnsafePath(f"not a plain absolute path: {path!r}")
+    if len(parts) < 2 or f"/{parts[0]}" not in SCRATCH_ROOTS:
+        raise UnsafePath(
+            f"absolute paths must name a file under {', '.join(SCRATCH_ROOTS)}: {path!r}"
+        )
+    return parts
+
+
 def _refusal(exc: OSError, part: str) -> Exception:
     """ELOOP/ENOTDIR: a symlink or a file where the walk needs a directory: refused."""
     if exc.errno in (errno.ELOOP, errno.ENOTDIR):

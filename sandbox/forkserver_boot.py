@@ -88,6 +88,7 @@ from kernel_boot import (
     become,
     check_libc,
     drop_capabilities,
+    loopback_up,
     own_user_namespace,
     seed_matplotlib_cache,
     unshare_network,
@@ -193,28 +194,69 @@ def fork_in_new_pid_namespace(own_pid_ns: int) -> tuple[int, int]:
     return init, pid
 
 
+#: where a run may write and fetch files by absolute path (SandboxFusion's `/mnt/b`): its own
+#: scratch directories, empty at its start. With --isolate they are one fresh tmpfs per run
+#: (see make_scratch); with per-run uids, the container's tmpfs mounts, swept after each run.
+SCRATCH_ROOTS = ("/tmp", "/mnt", "/data")
+
+
+def scratch_for(workdir: str) -> str:
+    """--isolate: the per-run tmpfs behind /tmp, /mnt and /data, next to its working directory
+    in the template's runs directory (which the run never sees)."""
+    return f"{workdir}.s"
+
+
+def make_scratch(path: str, size: int) -> None:
+    """--isolate, in the template's mount namespace: a tmpfs of `size` bytes at `path` with one
+    directory per SCRATCH_ROOTS entry. It outlives the run, so the fetch helper sees what the
+    run left there; the template unmounts it when the run is over (drop_scratch)."""
+    os.mkdir(path, 0o700)
+    _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0700,size={size}")
+    for root in SCRATCH_ROOTS:
+        os.mkdir(os.path.join(path, root.strip("/")), 0o700)
+        os.chmod(os.path.join(path, root.strip("/")), 0o1777)
+
+
+def drop_scratch(path: str) -> None:
+    _libc.umount2(path.encode(), MNT_DETACH)  # everything in it is freed with it
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
 def isolate_run(workdir: str, cfg: Config, fresh_proc: bool = True) -> None:
     """In a child of an --isolate template, before any code of a run: a mount namespace with a
-    /proc of the run's PID namespace (made by the template), fresh size-limited /tmp,
-    /dev/shm and runs directory in which only `workdir` is bound back (it stays in the
-    template's runs directory, for the fetch helper and the removal), the template's runtime
-    directory hidden; then new user, IPC and network namespaces (no interface is up) and no
+    /proc of the run's PID namespace (made by the template), its own /tmp, /mnt and /data (its
+    scratch tmpfs, see make_scratch), fresh size-limited /dev/shm and runs directory (the
+    runs directory is /tmp on the local backend), in which only `workdir` is bound back (it
+    stays in the template's runs directory, for the fetch helper and the removal), the runtime
+    directory hidden; then new user, IPC and network namespaces (only loopback, up) and no
     capability at all. The fetch helper does the same without the /proc."""
     check_libc(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # Opened in the new mount namespace (a bind's source must be one of its mounts), before
     # the fresh runs directory hides it.
     keep = os.open(workdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    scratch = scratch_for(workdir)
+    own = {
+        root: os.open(os.path.join(scratch, root.strip("/")), os.O_PATH | os.O_DIRECTORY)
+        for root in SCRATCH_ROOTS
+    }
     if fresh_proc:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    scratch = f"mode=1777,size={cfg.tmp_bytes}"
-    for path in dict.fromkeys(("/tmp", "/dev/shm", cfg.runs_dir)):
-        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, scratch)
+    # /tmp, /mnt and /data: the run's own tmpfs (they outlive the run, for the fetch helper)
+    for root, fd in own.items():
+        _mount(f"/proc/self/fd/{fd}", root, None, MS_BIND)
+        os.close(fd)
+    fresh = f"mode=1777,size={cfg.tmp_bytes}"
+    for path in dict.fromkeys(("/dev/shm", cfg.runs_dir)):
+        if path not in SCRATCH_ROOTS:
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, fresh)
     _mount("tmpfs", cfg.hide_dir, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0555")
-    os.makedirs(workdir, 0o700)
+    os.makedirs(workdir, 0o700, exist_ok=True)  # the fetch helper finds the run's mountpoint
     _mount(f"/proc/self/fd/{keep}", workdir, None, MS_BIND)
     os.close(keep)
     own_user_namespace(CLONE_NEWIPC | CLONE_NEWNET)
+    loopback_up()  # the run's own 127.0.0.1 and ::1, and no other interface
     drop_capabilities()
 
 
@@ -367,6 +409,49 @@ def _write_file(path: str, data: bytes) -> None:
         _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def safe_path(path: str, absolute_ok: bool) -> str:
+    """A relative path (inside the working directory) or, when `absolute_ok`, an absolute one
+    under a SCRATCH_ROOTS entry; normalised, never with `..` (the service checks it first)."""
+    if not path.startswith("/"):
+        return safe_relative(path)
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if "\x00" in path or ".." in parts or len(parts) < 2 or f"/{parts[0]}" not in SCRATCH_ROOTS:
+        raise ValueError(f"not a path under {', '.join(SCRATCH_ROOTS)}: {path!r}")
+    if not absolute_ok:
+        raise ValueError(f"absolute paths need a sandboxed fork server: {path!r}")
+    return "/" + "/".join(parts)
+
+
+def open_beneath(path: str, flags: int, create_dirs: bool = False) -> int:
+    """Open `path` (from safe_path; relative ones from the working directory) never following a
+    link, in a directory or at the end: one component at a time, each O_NOFOLLOW. Parents are
+    made (0700) with `create_dirs`. Non-blocking, so a FIFO cannot hold the caller."""
+    parts = path.split("/")
+    start = "/" if path.startswith("/") else "."
+    parts = [p for p in parts if p]
+    dirfd = os.open(start, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            try:
+                nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dirfd)
+            except FileNotFoundError:
+                if not create_dirs:
+                    raise
+                os.mkdir(part, 0o700, dir_fd=dirfd)
+                nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dirfd)
+            os.close(dirfd)
+            dirfd = nxt
+        fd = os.open(
+            parts[-1], flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dirfd
+        )
+    finally:
+        os.close(dirfd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"not a regular file: {path!r}")
+    return fd
 
 
 def safe_relative(path: str) -> str:
@@ -561,12 +646,17 @@ def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], m
         if not cfg.isolate:  # isolated, the child made it before isolating itself
             os.mkdir(workdir, 0o700)
         os.chdir(workdir)
-        for rel, content in request.get("files", {}).items():
-            rel = safe_relative(rel)
-            parent = os.path.dirname(rel)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-            _write_file(rel, binascii.a2b_base64(content))
+        absolute_ok = cfg.isolate or cfg.uid_base is not None  # scratch that is the run's
+        for name, content in request.get("files", {}).items():
+            fd = open_beneath(
+                safe_path(name, absolute_ok),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                create_dirs=True,
+            )
+            try:
+                _write_all(fd, binascii.a2b_base64(content))
+            finally:
+                os.close(fd)
         script = os.path.join(workdir, f"tmp{_random_name()}.py")
         _write_file(script, request["code"].encode("utf-8", "surrogatepass"))
         # The rest of the environment is the template's (see main): set, not rebuilt, as
@@ -590,6 +680,8 @@ def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], m
         finally:
             os._exit(SETUP_FAILED)
     os.close(result_fd)
+    if request.get("language") == "pytest":
+        os._exit(run_pytest(script, [str(a) for a in request.get("args") or []]))
     os._exit(run_main(script, request["code"]))
 
 
@@ -650,6 +742,26 @@ def run_main(script: str, source: str) -> int:
     return _finish(code)
 
 
+def run_pytest(script: str, args: list[str]) -> int:
+    """Run the tests in `script` as `pytest script *args` would, from the working directory;
+    return pytest's exit code (0 all passed, 1 some failed, 5 none collected, ...)."""
+    sys.argv = ["pytest", script, *args]
+    sys.path[0] = os.path.dirname(script)
+    if "numpy" in sys.modules:
+        _reseed_numpy(sys.modules["numpy"])
+    gc.enable()
+    try:
+        import pytest
+
+        code = int(pytest.main([script, *args]))
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except BaseException as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        code = 1
+    return _finish(code)
+
+
 def _reseed_numpy(np) -> None:
     """Python's `random` reseeds itself in a forked child; numpy's global state does not.
     A whole Mersenne Twister state from the OS: as random as `seed()`, for a third of the
@@ -699,12 +811,12 @@ def helper_main(run: Run, cfg: Config) -> None:
         os.chdir(run.workdir)
         budget = cfg.fetch_cap
         out = [b"F"]
+        absolute_ok = cfg.isolate or cfg.uid_base is not None
         for name in request.get("fetch_files", []):
             try:
-                rel = safe_relative(name)
-                with open(rel, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    if not stat.S_ISREG(st.st_mode) or st.st_size > budget:
+                fd = open_beneath(safe_path(name, absolute_ok), os.O_RDONLY)
+                with open(fd, "rb") as f:
+                    if os.fstat(f.fileno()).st_size > budget:
                         continue
                     data = f.read(budget + 1)
             except (OSError, ValueError):
@@ -890,6 +1002,7 @@ class Template:
             idle = Idle(0, chan)
             if self.cfg.isolate:
                 idle.workdir = os.path.join(self.cfg.runs_dir, f"tmp{_random_name()}")
+                make_scratch(scratch_for(idle.workdir), self.cfg.tmp_bytes)
                 idle.init, idle.pid = fork_in_new_pid_namespace(self.pid_ns)
             else:
                 idle.pid = os.fork()
@@ -909,6 +1022,7 @@ class Template:
             os.kill(idle.init, signal.SIGKILL)
         if idle.workdir is not None:
             remove_tree(idle.workdir)
+            drop_scratch(scratch_for(idle.workdir))
 
     def _idle_child(self, chan: socket.socket, workdir: str | None = None) -> None:
         """In a pre-forked child: wait for a run, then become it. With --isolate, first make
@@ -1068,6 +1182,8 @@ class Template:
 
     def _remove_files(self, run: Run) -> None:
         remove_tree(run.workdir)
+        if self.cfg.isolate:
+            drop_scratch(scratch_for(run.workdir))
         if run.uid is None:
             return
         # Shared writable directories (/tmp, /dev/shm): whatever this uid made there goes.
@@ -1089,7 +1205,7 @@ class Template:
         for run in list(self.runs.values()):
             self._kill_group(run.pid, run.uid)
             self._sweep_processes(run)
-            remove_tree(run.workdir)
+            self._remove_files(run)
         for pid, run in list(self.helpers.items()):
             self._kill_group(pid, run.uid)
         for pid in self._children():
@@ -1126,6 +1242,7 @@ def probe(run_as: str, cfg: Config) -> dict:
         report["template"] = True
         workdir = os.path.join(cfg.runs_dir, "probe")
         os.mkdir(workdir, 0o700)
+        make_scratch(scratch_for(workdir), 1024**2)
         facts_r, facts_w = os.pipe()
         own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         init, pid = fork_in_new_pid_namespace(own_pid_ns)

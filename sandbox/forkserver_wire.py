@@ -43,6 +43,9 @@ class RunRequest:
     fetch_files: list[str] = field(default_factory=list)
     #: address-space limit for this run (lower than the backend's only)
     memory_bytes: int | None = None
+    #: "python": the code runs as `python file.py`; "pytest": as `pytest file.py *args`
+    language: Literal["python", "pytest"] = "python"
+    args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,7 +117,13 @@ class Template:
         """Run `req` in a fresh child: at most `output_cap_bytes` kept per stream, and the
         pipes given `drain_grace` seconds to reach EOF after the run's end."""
         loop = asyncio.get_running_loop()
-        payload = {"code": req.code, "files": req.files, "fetch_files": req.fetch_files}
+        payload = {
+            "code": req.code,
+            "files": req.files,
+            "fetch_files": req.fetch_files,
+            "language": req.language,
+            "args": req.args,
+        }
         stdin = req.stdin.encode() if isinstance(req.stdin, str) else (req.stdin or b"")
         owned: list[int] = []  # our fds, closed whatever happens
         readers: list[_Reader] = []

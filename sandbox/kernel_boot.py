@@ -139,22 +139,44 @@ def seed_matplotlib_cache(prebuilt: str) -> None:
             _log(f"matplotlib cache not copied ({exc}); it will be built")
 
 
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def loopback_up() -> None:
+    """Bring `lo` of our network namespace up (a new namespace has it down): code that serves
+    and connects on 127.0.0.1 or ::1 works, and nothing else is reachable. Needs
+    CAP_NET_ADMIN over the namespace (ours in a user namespace we made with it)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, struct.pack("16sh22x", b"lo", 0))
+        flags = struct.unpack("16sh22x", ifreq)[1]
+        if not flags & IFF_UP:
+            fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))
+
+
 def unshare_network() -> bool:
-    """Leave the host's network: afterwards only an unconfigured loopback exists.
+    """Leave the host's network: afterwards only a loopback exists, brought up here.
 
     Root can unshare directly; other users first need a user namespace that maps them to
     themselves. Returns False (and says why) where the OS does not allow either.
     """
-    if _libc.unshare(CLONE_NEWNET) == 0:
-        return True
-    host_network = os.readlink("/proc/self/ns/net")
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        host_network = os.readlink("/proc/self/ns/net")
+        try:
+            own_user_namespace(CLONE_NEWNET)
+        except OSError as exc:
+            if os.readlink("/proc/self/ns/net") == host_network:
+                _log(f"network namespace not available ({exc}); network stays reachable")
+                return False
+            _log(f"user namespace made but id maps not written: {exc}")
+            return True
     try:
-        own_user_namespace(CLONE_NEWNET)
+        loopback_up()
     except OSError as exc:
-        if os.readlink("/proc/self/ns/net") == host_network:
-            _log(f"network namespace not available ({exc}); network stays reachable")
-            return False
-        _log(f"user namespace made but id maps not written: {exc}")
+        _log(f"loopback stays down: {exc}")
     return True
 
 

@@ -196,10 +196,12 @@ def test_files_are_fetched_after_a_failure_or_a_timeout(server):
     assert unb64(slow.files["log.txt"]) == b"so far"
 
 
-def test_paths_outside_the_working_directory_are_refused(server):
+def test_paths_outside_the_working_directory_and_scratch_are_refused(server):
     for fields in (
         {"files": {"../escape.txt": b64(b"x")}},
-        {"files": {"/tmp/abs.txt": b64(b"x")}},
+        {"files": {"/etc/abs.txt": b64(b"x")}},
+        {"files": {"/mnt": b64(b"x")}},
+        {"files": {"/mnt/../etc/x": b64(b"x")}},
         {"fetch_files": ["/etc/passwd"]},
         {"fetch_files": ["a/../../b"]},
     ):
@@ -208,22 +210,198 @@ def test_paths_outside_the_working_directory_are_refused(server):
         parsed = sf.RunCodeResponse(**body.json())
         assert parsed.status == sf.RunStatus.SandboxError
         assert "working directory" in parsed.message, parsed.message
+        assert "/mnt" in parsed.message, parsed.message
     bad = post(server, "/run_code", {"code": "1", "language": "python", "files": {"a": "%%%"}})
     assert "not valid base64" in sf.RunCodeResponse(**bad.json()).message
 
 
-def test_other_languages_get_a_clear_sandbox_error(server):
+def test_other_languages_get_a_final_failed_answer(server):
     body = post(server, "/run_code", {"code": "int main(){}", "language": "cpp"})
     assert body.status_code == 200
     parsed = sf.RunCodeResponse(**body.json())
-    assert parsed.status == sf.RunStatus.SandboxError
-    assert "python only" in parsed.message and "'cpp'" in parsed.message
-    assert parsed.run_result is not None and parsed.run_result.stdout == ""  # never null
-    # The client raises on SandboxError, with the message.
-    with pytest.raises(Exception, match="python only"):
-        sf.run_code(sf.RunCodeRequest(code="x", language="nodejs"), max_attempts=1)
-    # Not a SandboxFusion language at all: a validation error, as SandboxFusion answers.
+    assert parsed.status == sf.RunStatus.Failed
+    assert "python and pytest only" in parsed.message and "'cpp'" in parsed.message
+    assert parsed.compile_result is None
+    assert parsed.run_result.status == sf.CommandRunStatus.Error
+    assert parsed.run_result.return_code is None and parsed.run_result.stdout == ""
+    # The real client, with its default retries (5 attempts, 17.8 s of backoff on a
+    # SandboxError or a non-200): one request, an answer at once. python2 is in the client's
+    # list of languages, not in SandboxFusion's server's: no 422 for it either.
+    for language in ("nodejs", "python2", "gtest"):
+        started = time.monotonic()
+        resp = sf.run_code(sf.RunCodeRequest(code="x", language=language))
+        assert time.monotonic() - started < 2
+        assert resp.status == sf.RunStatus.Failed and language in resp.message
+    # Not a SandboxFusion language at all (no client sends it): a validation error.
     assert post(server, "/run_code", {"code": "1", "language": "python3"}).status_code == 422
+
+
+# -- language: pytest --------------------------------------------------------------------------
+
+PYTEST_CODE = textwrap.dedent(
+    """
+    def add(a, b):
+        return a + b
+
+    def test_add():
+        assert add(1, 2) == 3
+
+    def test_strings():
+        assert add("a", "b") == "ab"
+    """
+)
+
+
+def test_pytest_passing_tests(server):
+    resp = sf.run_code(sf.RunCodeRequest(code=PYTEST_CODE, language="pytest"), max_attempts=1)
+    assert resp.status == sf.RunStatus.Success, resp
+    assert resp.compile_result is None
+    assert resp.run_result.status == sf.CommandRunStatus.Finished
+    assert resp.run_result.return_code == 0
+    out = resp.run_result.stdout
+    assert "test session starts" in out and "2 passed" in out, out
+    assert ".py .." in out  # the test file, as `pytest file.py` names it
+
+
+def test_pytest_failing_tests_args_and_files(server):
+    code = PYTEST_CODE + textwrap.dedent(
+        """
+        def test_fails():
+            assert add(2, 2) == 5
+
+        def test_reads_a_file():
+            assert open("data.txt").read() == "ok"
+        """
+    )
+    # `args` is SandboxFusion's server field; its PyPI client has none, so raw HTTP here.
+    body = {"code": code, "language": "pytest", "args": ["-q"], "files": {"data.txt": b64(b"ok")}}
+    resp = sf.RunCodeResponse(**post(server, "/run_code", body).json())
+    assert resp.status == sf.RunStatus.Failed
+    assert resp.run_result.status == sf.CommandRunStatus.Finished
+    assert resp.run_result.return_code == 1  # pytest's "tests failed"
+    out = resp.run_result.stdout
+    assert "1 failed, 3 passed" in out, out
+    assert "assert 4 == 5" in out and "test session starts" not in out  # -q applied
+    # No test at all: pytest's exit code 5.
+    none = sf.run_code(sf.RunCodeRequest(code="x = 1", language="pytest"), max_attempts=1)
+    assert none.status == sf.RunStatus.Failed and none.run_result.return_code == 5
+
+
+# -- absolute paths and loopback ----------------------------------------------------------------
+
+ABSOLUTE = textwrap.dedent(
+    """
+    import os
+    print(open('/mnt/in.txt').read(), open('/data/sub/in.bin', 'rb').read().hex())
+    open('/mnt/b', 'w').write('mnt')
+    os.makedirs('/data/out', exist_ok=True)
+    open('/data/out/c', 'w').write('data')
+    open('/tmp/d', 'w').write('tmp')
+    open('rel.txt', 'w').write('rel')
+    os.symlink('/etc/hostname', '/mnt/link')
+    os.mkfifo('/tmp/fifo')
+    print(sorted(os.listdir('/mnt')))
+    """
+)
+ABSOLUTE_FILES = {"/mnt/in.txt": b64(b"hello"), "/data/sub/in.bin": b64(b"\x00\x01")}
+ABSOLUTE_FETCH = ["/mnt/b", "/data/out/c", "/tmp/d", "rel.txt", "/mnt/link", "/tmp/fifo"]
+
+
+def check_absolute(stdout: str, files: dict[str, str]) -> None:
+    assert stdout == "hello 0001\n['b', 'in.txt', 'link']\n", stdout
+    # fetched under the names asked for; the link and the FIFO left out
+    assert {k: unb64(v) for k, v in files.items()} == {
+        "/mnt/b": b"mnt",
+        "/data/out/c": b"data",
+        "/tmp/d": b"tmp",
+        "rel.txt": b"rel",
+    }
+
+
+def test_absolute_paths_are_the_runs_own_scratch(server):
+    resp = run(ABSOLUTE, files=ABSOLUTE_FILES, fetch_files=ABSOLUTE_FETCH)
+    assert resp.status == sf.RunStatus.Success, resp.run_result.stderr
+    check_absolute(resp.run_result.stdout, resp.files)
+    # The next run starts with empty scratch: nothing of the last one is there.
+    again = run("import os; print(os.listdir('/mnt'), os.listdir('/data'), os.listdir('/tmp'))")
+    assert again.run_result.stdout.startswith("[] [] ['tmp"), again.run_result.stdout
+
+
+async def test_concurrent_runs_have_separate_scratch(server):
+    code = (
+        "import os, sys, time\n"
+        "open('/mnt/same', 'w').write(sys.stdin.read())\n"
+        "time.sleep(0.5)\n"
+        "print(open('/mnt/same').read(), os.listdir('/mnt'))"
+    )
+
+    def one(i: int) -> sf.RunCodeResponse:
+        return run(code, stdin=str(i), fetch_files=["/mnt/same"])
+
+    results = await asyncio.gather(*(asyncio.to_thread(one, i) for i in range(6)))
+    for i, resp in enumerate(results):
+        assert resp.run_result.stdout == f"{i} ['same']\n", resp.run_result
+        assert resp.files == {"/mnt/same": b64(str(i).encode())}
+
+
+LOOPBACK = textwrap.dedent(
+    """
+    import socket, threading
+    def echo(family, host):
+        srv = socket.socket(family, socket.SOCK_STREAM)
+        srv.bind((host, 0)); srv.listen(1)
+        port = srv.getsockname()[1]
+        def serve():
+            conn, _ = srv.accept(); conn.sendall(conn.recv(100).upper()); conn.close()
+        threading.Thread(target=serve).start()
+        c = socket.create_connection((host, port), timeout=5)
+        c.sendall(b'ping'); got = c.recv(100); c.close(); srv.close()
+        return got.decode()
+    def reach(host, port):
+        try:
+            socket.create_connection((host, port), timeout=2).close(); return 'reached'
+        except OSError:
+            return 'unreachable'
+    print(echo(socket.AF_INET, '127.0.0.1'), echo(socket.AF_INET6, '::1'),
+          reach('127.0.0.1', PORT), reach('1.1.1.1', 53))
+    """
+)
+
+
+def loopback_code(service_port: int) -> str:
+    return LOOPBACK.replace("PORT", str(service_port))
+
+
+def test_loopback_works_and_only_loopback_run_code(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    resp = run(loopback_code(port))
+    # the service listens on the host's 127.0.0.1:port; the run's 127.0.0.1 is its own
+    assert resp.run_result.stdout == "PING PING unreachable unreachable\n", resp.run_result
+
+
+def test_loopback_works_and_only_loopback_run_jupyter(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    resp = jupyter([loopback_code(port)])
+    assert resp.cells[0].stdout == "PING PING unreachable unreachable\n", resp.cells[0]
+
+
+def test_jupyter_absolute_paths_are_the_kernels_own_scratch(server):
+    cells = [ABSOLUTE.replace("print(sorted", "print(sorted", 1)]
+    resp = jupyter(cells, files=ABSOLUTE_FILES, fetch_files=ABSOLUTE_FETCH)
+    assert resp.status == sf.RunStatus.Success, resp
+    check_absolute(resp.cells[0].stdout, resp.files)
+    assert "/mnt/link" in resp.message and "/tmp/fifo" in resp.message  # said why
+    # A fresh kernel next time: its scratch is empty.
+    again = jupyter(["import os; print(os.listdir('/mnt'), os.listdir('/data'))"])
+    assert again.cells[0].stdout == "[] []\n"
+    # Outside the scratch roots: refused before anything runs.
+    refused = post(server, "/run_jupyter", {"cells": ["1"], "fetch_files": ["/etc/passwd"]})
+    assert refused.json()["status"] == "SandboxError"
+    # Larger than one output chunk: read back whole.
+    big = jupyter(
+        ["open('/data/big', 'wb').write(bytes(range(256)) * 4000)"], fetch_files=["/data/big"]
+    )
+    assert unb64(big.files["/data/big"]) == bytes(range(256)) * 4000
 
 
 def test_output_is_capped_head_kept(server):
@@ -601,3 +779,40 @@ async def test_docker_files_left_behind_are_removed_whoever_owns_them(docker_ser
         " if os.path.lexists(p)], os.path.exists('/etc/passwd'))",
     )
     assert after["run_result"]["stdout"] == "[] True\n", after
+
+
+@pytest.mark.docker
+def test_docker_absolute_paths_pytest_and_loopback(docker_server):
+    # Absolute paths: the run's own files in the container's /tmp, /mnt, /data (per-run uid,
+    # swept after the run); a link or a FIFO is never fetched.
+    body = drun(docker_server, ABSOLUTE, files=ABSOLUTE_FILES, fetch_files=ABSOLUTE_FETCH)
+    assert body["status"] == "Success", body
+    check_absolute(body["run_result"]["stdout"], body["files"])
+    again = drun(docker_server, "import os; print(os.listdir('/mnt'), os.listdir('/data'))")
+    assert again["run_result"]["stdout"] == "[] []\n", again  # swept
+    # pytest
+    passed = drun(docker_server, PYTEST_CODE, language="pytest")
+    assert passed["status"] == "Success" and "2 passed" in passed["run_result"]["stdout"]
+    failed = drun(
+        docker_server, PYTEST_CODE + "\ndef test_no():\n    assert False\n", language="pytest"
+    )
+    assert failed["status"] == "Failed" and failed["run_result"]["return_code"] == 1
+    # loopback inside, nothing outside (the service's port included)
+    port = int(docker_server.url.rsplit(":", 1)[1])
+    loop = drun(docker_server, loopback_code(port))
+    assert loop["run_result"]["stdout"] == "PING PING unreachable unreachable\n", loop
+
+
+@pytest.mark.docker
+def test_docker_jupyter_absolute_paths_and_loopback(docker_server):
+    port = int(docker_server.url.rsplit(":", 1)[1])
+    body = {
+        "cells": [ABSOLUTE, loopback_code(port)],
+        "files": ABSOLUTE_FILES,
+        "fetch_files": ABSOLUTE_FETCH,
+    }
+    response = httpx.post(f"{docker_server.url}/run_jupyter", json=body, timeout=120)
+    resp = sf.RunJupyterResponse(**response.json())
+    assert resp.status == sf.RunStatus.Success, resp
+    check_absolute(resp.cells[0].stdout, resp.files)
+    assert resp.cells[1].stdout == "PING PING unreachable unreachable\n", resp.cells[1]

@@ -191,6 +191,12 @@ class KernelBackend(abc.ABC):
         """Remove everything this backend started that is still around."""
 
     @property
+    def scratch_is_private(self) -> bool:
+        """Whether a kernel's /tmp, /mnt and /data are its sandbox's own, never the host's
+        (SandboxFusion's absolute paths are allowed only then)."""
+        return True
+
+    @property
     def isolation(self) -> dict:
         """What separates this backend's kernels from the service and from each other, as
         `/readyz` reports it; `weak` is true where a piece is missing."""

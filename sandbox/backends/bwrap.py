@@ -273,7 +273,10 @@ class Bubblewrap:
                 mounted("--ro-bind", entry, entry)
         mounted("--proc", "", "/proc")
         mounted("--dev", "", "/dev")
-        for target, size in (("/tmp", self.tmp_bytes), ("/dev/shm", self.shm_bytes)):
+        # /mnt and /data: scratch of the sandbox's own, as /tmp (SandboxFusion's code writes
+        # there); a fork-server run gets its own over them (forkserver_boot.isolate_run).
+        scratch = [(path, self.tmp_bytes) for path in ("/tmp", "/mnt", "/data")]
+        for target, size in [*scratch, ("/dev/shm", self.shm_bytes)]:
             mounted("--tmpfs", "", target, "--perms", "1777", "--size", str(size))
         mounted("--tmpfs", "", SANDBOX_RUNTIME, "--perms", "1777", "--size", str(RUNTIME_BYTES))
         for path in python_paths:

@@ -34,6 +34,7 @@ CONTAINER_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 
 # Docker: where the image keeps the entry file (next to kernel_boot.py, see Dockerfile.kernel).
 CONTAINER_BOOT = "/opt/kernelbox/forkserver_boot.py"
+SCRATCH_DIRS = ("/tmp", "/mnt", "/data")  # forkserver_boot.SCRATCH_ROOTS
 CONTAINER_RUNS = "/tmp"  # the container's size-limited tmpfs, as SandboxFusion's /tmp/tmpXXXX
 # Same start as the kernel image's entrypoint (a writable copy of the prebuilt matplotlib
 # cache), then the fork server instead of the kernel.
@@ -51,6 +52,7 @@ CONTAINER_ENTRY = (
 TEMPLATE_CAPS = ["SETUID", "SETGID"]
 # SysV IPC objects outlive processes and are shared by the container's runs: none at all
 # (POSIX shared memory and semaphores, in /dev/shm, keep working and are swept).
+LOOPBACK_V6 = {"net.ipv6.conf.lo.disable_ipv6": "0"}
 NO_SYSV_IPC = {
     "kernel.shmmni": "1",
     "kernel.shmall": "0",
@@ -160,7 +162,11 @@ def kernel_container(
         "working_dir": CONTAINER_WORKDIR,
         "network_mode": "none",
         "read_only": True,
-        "tmpfs": {"/tmp": f"rw,nosuid,nodev,size={int(target.tmp_bytes)},mode=1777"},
+        # /mnt and /data as /tmp: scratch of the container's own (SandboxFusion's code writes
+        # there); a template's runs each own what they make there, swept after the run.
+        "tmpfs": {
+            path: f"rw,nosuid,nodev,size={int(target.tmp_bytes)},mode=1777" for path in SCRATCH_DIRS
+        },
         "mounts": [
             *(
                 [Mount(CONTAINER_WORKDIR, str(workdir_on_host), type="bind")]
@@ -179,6 +185,9 @@ def kernel_container(
             type="json-file", config={"max-size": str(target.log_bytes), "max-file": "1"}
         ),
         **limits,
+        # network=none leaves lo up but turns IPv6 off on it: ::1 back, as a host has it.
+        # (gVisor's own network stack has ::1 on its loopback already.)
+        "sysctls": {} if target.runtime.gvisor else dict(LOOPBACK_V6),
         "runtime": target.runtime.name,
     }
 
@@ -191,7 +200,7 @@ def as_template(
     env = kwargs["environment"]
     env.update(template_env(options, config))
     env["HOME"] = CONTAINER_RUNS
-    env["KERNELBOX_SWEEP"] = f"{CONTAINER_RUNS}:/dev/shm"
+    env["KERNELBOX_SWEEP"] = ":".join(dict.fromkeys([CONTAINER_RUNS, *SCRATCH_DIRS, "/dev/shm"]))
     lim = config.limits
     if lim.pids is not None:
         env["KERNELBOX_NPROC"] = str(lim.pids)
@@ -213,5 +222,5 @@ def as_template(
         user="0:0",
         working_dir=CONTAINER_RUNS,
         cap_add=TEMPLATE_CAPS,
-        sysctls=NO_SYSV_IPC,
+        sysctls={**kwargs["sysctls"], **NO_SYSV_IPC},
     )

@@ -275,6 +275,10 @@ class LocalBackend(KernelBackend):
         )
 
     @property
+    def scratch_is_private(self) -> bool:
+        return self.bwrap is not None  # without a sandbox, /tmp and /mnt are the host's
+
+    @property
     def isolation(self) -> dict:
         return self._isolation
 

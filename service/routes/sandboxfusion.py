@@ -1,16 +1,21 @@
-"""SandboxFusion-compatible `/run_code` and `/run_jupyter` (python only).
+"""SandboxFusion-compatible `/run_code` (python and pytest) and `/run_jupyter`.
 
 Clients that speak SandboxFusion (its PyPI client, verl, SimpleTIR, ToRL) switch by changing
 one URL. Bodies and answers are SandboxFusion's own models (kernelbox_wire/sandboxfusion.py); an
-answer is HTTP 200 whatever the code did, as there. Where kernelbox differs on purpose:
+answer is HTTP 200 whatever the code did, as there. Where kernelbox differs on purpose (the
+README's SandboxFusion section lists the same):
 
 - `run_code` runs on a fork server (sandbox/forkserver.py): a fresh child of a template that
-  has the data stack imported, not a fresh interpreter; the semantics of `python file.py` are
-  kept (return code, traceback on stderr, stdin, files in the working directory).
+  has the data stack imported, not a fresh interpreter; the semantics of `python file.py` (and
+  of `pytest file.py *args` for `language: "pytest"`) are kept (return code, traceback on
+  stderr, stdin, files in the working directory).
 - `run_jupyter` applies `cell_timeout` (SandboxFusion parses it and never applies it) and, on
   a time limit, returns the cells that ran (SandboxFusion returns none).
-- paths in `files` and `fetch_files` must stay inside the working directory; other languages,
-  and such paths, answer `SandboxError` with a message that says so.
+- paths in `files` and `fetch_files` are relative to the working directory, or absolute under
+  /tmp, /mnt or /data: scratch of the run's own sandbox, never the host's; other absolute
+  paths and `..` answer `SandboxError` with a message that says so.
+- other languages answer `Failed` (not `SandboxError`, which SandboxFusion's client retries for
+  seconds) with a message and a run_result of status `Error` that say why.
 - `memory_limit_MB` > 0 lowers the run's address-space limit (never raises the service's).
 """
 
@@ -48,13 +53,21 @@ class _Refused(Exception):
     """The request cannot run here; answered as SandboxFusion answers a sandbox error."""
 
 
+#: the languages /run_code runs
+LANGUAGES = ("python", "pytest")
+_WHERE = "paths are relative to the working directory, or absolute under " + ", ".join(
+    sandbox_files.SCRATCH_ROOTS
+)
+
+
 def _checked_path(path: str, what: str) -> str:
     try:
-        sandbox_files.split_relative(path)
+        if path.startswith("/"):
+            sandbox_files.split_scratch(path)
+        else:
+            sandbox_files.split_relative(path)
     except sandbox_files.UnsafePath as exc:
-        raise _Refused(
-            f"{what}: {exc}; paths are relative to the run's working directory"
-        ) from None
+        raise _Refused(f"{what}: {exc}; {_WHERE}") from None
     return path
 
 
@@ -86,18 +99,29 @@ def _sandbox_error(message: str) -> RunCodeResponse:
     )
 
 
-def _python_only(language: str) -> str:
-    return (
-        f"kernelbox runs python only: language {language!r} is not supported here "
+def _unsupported(language: str) -> RunCodeResponse:
+    """A final answer: SandboxFusion's client retries every SandboxError (and every non-200)
+    with backoff, 17.8 s in all by default, and returns a `Failed` at once. No compile_result
+    and no return code: nothing ran."""
+    message = (
+        f"kernelbox runs python and pytest only: language {language!r} is not supported here "
         "(use a SandboxFusion server for it)"
+    )
+    return RunCodeResponse(
+        status=RunStatus.Failed,
+        message=message,
+        run_result=CommandRunResult(
+            status=CommandRunStatus.Error, execution_time=0.0, stdout="", stderr=message
+        ),
     )
 
 
 @router.post("/run_code", response_model=RunCodeResponse, responses=_RESPONSES)
 async def run_code(body: RunCodeRequest, application: App, owner: Owner) -> RunCodeResponse:
-    """Run `code` as a fresh python program: stdout, stderr, return code, files."""
-    if body.language != "python":
-        return _sandbox_error(_python_only(body.language))
+    """Run `code` as a fresh python program (or its tests under pytest): stdout, stderr,
+    return code, files."""
+    if body.language not in LANGUAGES:
+        return _unsupported(body.language)
     application.check_code(body.code)
     try:
         files = _checked_files(body.files)
@@ -112,6 +136,8 @@ async def run_code(body: RunCodeRequest, application: App, owner: Owner) -> RunC
         files=files,
         fetch_files=fetch,
         memory_bytes=limit,
+        language=body.language,  # type: ignore[arg-type]  # one of LANGUAGES
+        args=list(body.args) if body.language == "pytest" else [],
     )
     try:
         result = await application.run_program(owner, run)
