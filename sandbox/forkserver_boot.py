@@ -1359,8 +1359,13 @@ def main(argv: list[str]) -> None:
             os.unlink(args.socket)
         except FileNotFoundError:
             pass
-        listener.bind(args.socket)
-        os.chmod(args.socket, 0o600)
+        # Made 0600 by the umask, not a chmod after: gVisor refuses to chmod a socket it
+        # creates on the host (--host-uds=create).
+        umask = os.umask(0o177)
+        try:
+            listener.bind(args.socket)
+        finally:
+            os.umask(umask)
     listener.listen(1024)
     listener.setblocking(False)
     uid_base = fit_uid_range(args.uid_base, args.slots) if args.uid_base else None
