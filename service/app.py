@@ -23,6 +23,7 @@ from kernelbox_server.sandbox.workdirs import Workdirs
 from . import errors
 from .application import Application
 from .body_limit import BodyLimitMiddleware, limit_by_route
+from .mcp import McpEndpoint
 from .metrics import Metrics
 from .routes import execute, files, health, sandboxfusion, sessions, tools
 from .settings import Settings
@@ -94,6 +95,7 @@ def manager_options(settings: Settings, run_slots: int) -> ManagerOptions:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    mcp = McpEndpoint(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,13 +122,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fork_options = forkserver_options(settings)
         manager = SessionManager(pool, manager_options(settings, fork_options.total_slots))
         forkserver = ForkServer(backend, fork_options)  # its templates start on first use
-        app.state.application = Application(settings, manager, forkserver, metrics)
+        app.state.application = application = Application(settings, manager, forkserver, metrics)
         manager.start()
         log.info(
             "kernelbox ready: %s backend, %d warm kernels wanted", backend.name, settings.min_idle
         )
         try:
-            yield
+            # MCP's session manager runs as long as the service (service/mcp.py).
+            async with mcp.start(application):
+                yield
         finally:
             # Graceful shutdown: every kernel stops, nothing is left behind.
             try:
@@ -156,4 +160,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(execute.router)
     app.include_router(tools.router)
     app.include_router(sandboxfusion.router)
+    app.router.routes.append(mcp.route())
     return app

@@ -25,7 +25,11 @@ def owner_of(key: str) -> str:
 
 
 def presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+    return key_from_header(request.headers.get("authorization", ""))
+
+
+def key_from_header(header: str) -> str | None:
+    """The key in an `Authorization` header (Bearer, or Basic with the key as password)."""
     scheme, _, value = header.partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer":
@@ -41,10 +45,14 @@ def presented_key(request: Request) -> str | None:
 
 async def require_owner(request: Request) -> str:
     """FastAPI dependency: the caller's owner id, or 401."""
-    keys: list[str] = request.app.state.settings.api_key
+    return authenticate(request.app.state.settings.api_key, presented_key(request))
+
+
+def authenticate(keys: list[str], key: str | None) -> str:
+    """The owner id of `key` among the configured `keys`; ApiError 401 if it is none of them.
+    Every protocol (the HTTP routes, MCP) checks keys here."""
     if not keys:
         return ANONYMOUS
-    key = presented_key(request)
     if key is None:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
     for known in keys:
