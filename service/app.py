@@ -20,7 +20,7 @@ from kernelbox_server.sandbox.pool import KernelPool
 from kernelbox_server.sandbox.session import SessionOptions
 from kernelbox_server.sandbox.workdirs import Workdirs
 
-from . import errors
+from . import docs, errors
 from .application import Application
 from .body_limit import BodyLimitMiddleware, limit_by_route
 from .mcp import McpEndpoint
@@ -147,6 +147,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Sandboxed, stateful Python code interpreter for LLM agents.",
         lifespan=lifespan,
+        # The pages are served with their assets from the package (service/docs.py).
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(
         BodyLimitMiddleware,
@@ -154,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     errors.install(app)
+    docs.install(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(files.router)

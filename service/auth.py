@@ -11,8 +11,10 @@ import base64
 import binascii
 import hashlib
 import hmac
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import ApiError
 
@@ -43,7 +45,19 @@ def key_from_header(header: str) -> str | None:
     return None
 
 
-async def require_owner(request: Request) -> str:
+# Declares the scheme in the OpenAPI (so /docs' Authorize takes a key) on the routes that need
+# a key; the key itself is read by presented_key, which takes Basic too.
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="One of the service's API keys (KERNELBOX_API_KEY), as a bearer token.",
+)
+
+
+async def require_owner(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+) -> str:
     """FastAPI dependency: the caller's owner id, or 401."""
     return authenticate(request.app.state.settings.api_key, presented_key(request))
 
