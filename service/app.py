@@ -150,6 +150,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The pages are served with their assets from the package (service/docs.py).
         docs_url=None,
         redoc_url=None,
+        # A body without Content-Type is JSON only where every request needs a key: a browser
+        # can send such a body to another origin without asking first (no CORS preflight),
+        # but never with the key, so only a keyless (loopback) service must refuse it.
+        strict_content_type=not settings.api_key,
     )
     app.add_middleware(
         BodyLimitMiddleware,
