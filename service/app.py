@@ -20,9 +20,10 @@ from kernelbox_server.sandbox.pool import KernelPool
 from kernelbox_server.sandbox.session import SessionOptions
 from kernelbox_server.sandbox.workdirs import Workdirs
 
-from . import errors
+from . import docs, errors
 from .application import Application
 from .body_limit import BodyLimitMiddleware, limit_by_route
+from .mcp import McpEndpoint
 from .metrics import Metrics
 from .routes import execute, files, health, sandboxfusion, sessions, tools
 from .settings import Settings
@@ -94,6 +95,7 @@ def manager_options(settings: Settings, run_slots: int) -> ManagerOptions:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    mcp = McpEndpoint(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -120,13 +122,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fork_options = forkserver_options(settings)
         manager = SessionManager(pool, manager_options(settings, fork_options.total_slots))
         forkserver = ForkServer(backend, fork_options)  # its templates start on first use
-        app.state.application = Application(settings, manager, forkserver, metrics)
+        app.state.application = application = Application(settings, manager, forkserver, metrics)
         manager.start()
         log.info(
             "kernelbox ready: %s backend, %d warm kernels wanted", backend.name, settings.min_idle
         )
         try:
-            yield
+            # MCP's session manager runs as long as the service (service/mcp.py).
+            async with mcp.start(application):
+                yield
         finally:
             # Graceful shutdown: every kernel stops, nothing is left behind.
             try:
@@ -143,6 +147,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Sandboxed, stateful Python code interpreter for LLM agents.",
         lifespan=lifespan,
+        # The pages are served with their assets from the package (service/docs.py).
+        docs_url=None,
+        redoc_url=None,
+        # A body without Content-Type is JSON only where every request needs a key: a browser
+        # can send such a body to another origin without asking first (no CORS preflight),
+        # but never with the key, so only a keyless (loopback) service must refuse it.
+        strict_content_type=not settings.api_key,
     )
     app.add_middleware(
         BodyLimitMiddleware,
@@ -150,10 +161,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     errors.install(app)
+    docs.install(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(files.router)
     app.include_router(execute.router)
     app.include_router(tools.router)
     app.include_router(sandboxfusion.router)
+    app.router.routes.append(mcp.route())
     return app

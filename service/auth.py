@@ -11,8 +11,10 @@ import base64
 import binascii
 import hashlib
 import hmac
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import ApiError
 
@@ -25,7 +27,11 @@ def owner_of(key: str) -> str:
 
 
 def presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+    return key_from_header(request.headers.get("authorization", ""))
+
+
+def key_from_header(header: str) -> str | None:
+    """The key in an `Authorization` header (Bearer, or Basic with the key as password)."""
     scheme, _, value = header.partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer":
@@ -39,12 +45,28 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
-async def require_owner(request: Request) -> str:
+# Declares the scheme in the OpenAPI (so /docs' Authorize takes a key) on the routes that need
+# a key; the key itself is read by presented_key, which takes Basic too.
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="One of the service's API keys (KERNELBOX_API_KEY), as a bearer token.",
+)
+
+
+async def require_owner(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None,
+) -> str:
     """FastAPI dependency: the caller's owner id, or 401."""
-    keys: list[str] = request.app.state.settings.api_key
+    return authenticate(request.app.state.settings.api_key, presented_key(request))
+
+
+def authenticate(keys: list[str], key: str | None) -> str:
+    """The owner id of `key` among the configured `keys`; ApiError 401 if it is none of them.
+    Every protocol (the HTTP routes, MCP) checks keys here."""
     if not keys:
         return ANONYMOUS
-    key = presented_key(request)
     if key is None:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
     for known in keys:

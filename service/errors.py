@@ -86,11 +86,20 @@ def install(app: FastAPI) -> None:
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
+    async def _invalid(request: Request, exc: RequestValidationError):
         fields = [
             {"loc": list(e["loc"]), "message": e["msg"], "type": e["type"]} for e in exc.errors()
         ]
         summary = "; ".join(f"{'.'.join(map(str, f['loc']))}: {f['message']}" for f in fields)
+        kind = request.headers.get("content-type", "")
+        if "json" not in kind and any(f["loc"] == ["body"] for f in fields):
+            # The body was not read as JSON: say why (curl -d sends a form's type).
+            summary += (
+                f" (the body was sent as {kind!r}, not as JSON: "
+                "send 'Content-Type: application/json')"
+                if kind
+                else " (send 'Content-Type: application/json')"
+            )
         return error_response(422, "invalid_body", summary or "invalid request", fields=fields)
 
     async def _engine(_: Request, exc: Exception):

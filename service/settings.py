@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "kernelbox")
     # Base of the URLs given for images; default: the URL the request came in on.
     public_url: str | None = None
+    # Host names (besides loopback, `host` and public_url's) that MCP requests may name in
+    # their Host header: DNS-rebinding protection of /mcp. Comma-separated.
+    mcp_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # pool and sessions
     min_idle: int = Field(default=2, ge=0)
@@ -111,7 +114,7 @@ class Settings(BaseSettings):
         """A key's even share of `total` (all of it with one key, or none configured)."""
         return max(1, total // max(1, len(self.api_key)))
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "mcp_allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,0 +1,2 @@
+"""Drop-in tools for agent frameworks, each an optional extra of kernelbox-client:
+`kernelbox.integrations.qwen_agent` (`pip install './client[qwen-agent]'`)."""
