@@ -101,7 +101,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 HEADER_MAX = 64 * 1024
 N_FDS = 5  # request, stdin, stdout, stderr, result
@@ -223,6 +223,18 @@ def drop_scratch(path: str) -> None:
         os.rmdir(path)
 
 
+def environment_under(roots: tuple[str, ...]) -> list[str]:
+    """The interpreter's own directories (its prefixes and import path) that lie under one of
+    `roots`, outermost only: a run's fresh /tmp would hide an environment installed in /tmp,
+    and with it every module the template had not imported yet."""
+    found = set()
+    for path in {sys.prefix, sys.exec_prefix, sys.base_prefix, *sys.path}:
+        real = os.path.realpath(path) if path else ""
+        if real and os.path.isdir(real) and any(real.startswith(r + "/") for r in roots):
+            found.add(real)
+    return sorted(p for p in found if not any(p.startswith(q + "/") for q in found))
+
+
 def isolate_run(workdir: str, cfg: Config, fresh_proc: bool = True) -> None:
     """In a child of an --isolate template, before any code of a run: a mount namespace with a
     /proc of the run's PID namespace (made by the template), its own /tmp, /mnt and /data (its
@@ -241,6 +253,10 @@ def isolate_run(workdir: str, cfg: Config, fresh_proc: bool = True) -> None:
         root: os.open(os.path.join(scratch, root.strip("/")), os.O_PATH | os.O_DIRECTORY)
         for root in SCRATCH_ROOTS
     }
+    environment = [
+        (path, os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        for path in environment_under((*SCRATCH_ROOTS, "/dev/shm", cfg.runs_dir))
+    ]
     if fresh_proc:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     # /tmp, /mnt and /data: the run's own tmpfs (they outlive the run, for the fetch helper)
@@ -255,6 +271,11 @@ def isolate_run(workdir: str, cfg: Config, fresh_proc: bool = True) -> None:
     os.makedirs(workdir, 0o700, exist_ok=True)  # the fetch helper finds the run's mountpoint
     _mount(f"/proc/self/fd/{keep}", workdir, None, MS_BIND)
     os.close(keep)
+    for path, fd in environment:  # back over the fresh mounts, read-only as it was
+        os.makedirs(path, 0o755, exist_ok=True)
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND)
+        _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.close(fd)
     own_user_namespace(CLONE_NEWIPC | CLONE_NEWNET)
     loopback_up()  # the run's own 127.0.0.1 and ::1, and no other interface
     drop_capabilities()
