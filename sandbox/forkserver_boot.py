@@ -273,7 +273,8 @@ def isolate_run(workdir: str, cfg: Config, fresh_proc: bool = True) -> None:
     os.close(keep)
     for path, fd in environment:  # back over the fresh mounts, read-only as it was
         os.makedirs(path, 0o755, exist_ok=True)
-        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND)
+        # Recursive: a bind that left out the (locked) mounts below it would be refused.
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
         _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
     own_user_namespace(CLONE_NEWIPC | CLONE_NEWNET)

@@ -8,10 +8,13 @@ endpoint URL (Basic auth); raw HTTP checks use `Authorization: Bearer`.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -323,8 +326,17 @@ def test_absolute_paths_are_the_runs_own_scratch(server):
     assert resp.status == sf.RunStatus.Success, resp.run_result.stderr
     check_absolute(resp.run_result.stdout, resp.files)
     # The next run starts with empty scratch: nothing of the last one is there.
-    again = run("import os; print(os.listdir('/mnt'), os.listdir('/data'), os.listdir('/tmp'))")
-    assert again.run_result.stdout.startswith("[] [] ['tmp"), again.run_result.stdout
+    again = run("import os; print([os.listdir('/mnt'), os.listdir('/data'), os.listdir('/tmp')])")
+    mnt, data, tmp = ast.literal_eval(again.run_result.stdout)
+    # /tmp holds the run's own program, and the interpreter's environment where the service
+    # is installed under /tmp (bound back read-only into every run)
+    environment = {
+        Path(p).resolve().parts[2]
+        for p in (sys.prefix, *sys.path)
+        if p and Path(p).resolve().parts[:2] == ("/", "tmp") and len(Path(p).resolve().parts) > 2
+    }
+    assert mnt == data == [] and len(set(tmp) - environment) == 1, again.run_result.stdout
+    assert next(iter(set(tmp) - environment)).startswith("tmp"), again.run_result.stdout
 
 
 async def test_concurrent_runs_have_separate_scratch(server):
