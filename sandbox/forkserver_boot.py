@@ -254,8 +254,7 @@ def isolate_run(workdir: str, cfg: Config, fresh_proc: bool = True) -> None:
         for root in SCRATCH_ROOTS
     }
     environment = [
-        (path, os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        for path in environment_under((*SCRATCH_ROOTS, "/dev/shm", cfg.runs_dir))
+        (path, os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for path in cfg.environment
     ]
     if fresh_proc:
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -504,6 +503,12 @@ class Config:
     tmp_bytes: int = 64 * 1024**2
     #: whether orphans of runs become the template's children (not in gVisor)
     subreaper: bool = True
+    #: the interpreter's directories that a run's fresh mounts would hide (see isolate_run),
+    #: found once by the template rather than by every run
+    environment: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.environment = environment_under((*SCRATCH_ROOTS, "/dev/shm", self.runs_dir))
 
 
 @dataclass

@@ -123,11 +123,6 @@ class KernelSession:
         return cls(backend, kernel, workspace, options=options, env=env)
 
     @property
-    def files(self) -> Workspace:
-        """The workspace, by its older name."""
-        return self.workspace
-
-    @property
     def workdir(self) -> Path:
         """The working directory's host path: for tests and for the backend only."""
         return self.workspace.root
