@@ -13,7 +13,11 @@ import pytest
 from qwen_agent.agents import Assistant, ReActChat
 from qwen_agent.tools.base import TOOL_REGISTRY
 
-from kernelbox.integrations.qwen_agent import KernelboxCodeInterpreter
+from kernelbox.integrations.qwen_agent import (
+    KernelboxCodeInterpreter,
+    KernelboxPythonExecutor,
+    TIRMathAgent,
+)
 from tests.scripted_llm import scripted_model
 from tests.server import running_server
 
@@ -114,5 +118,47 @@ def test_an_instance_in_function_list_with_its_own_settings(service, tmp_path):
         assert "Timeout: Code execution exceeded the time limit." in timed
         assert tool.call("1 / 0").startswith("error:\n\n```\n")
         assert Path(tmp_path).is_dir()
+    finally:
+        tool.close()
+
+
+def tir_step(code: str) -> str:
+    # The TIR model writes a python block and then opens the output block, where it stops.
+    return f"Let me compute.\n```python\n{code}\n```\n```output\n"
+
+
+def test_tir_agent_runs_its_executor_on_kernelbox(service, kernelbox_env):
+    script = [tir_step("x = 6 * 7\nprint(x)"), tir_step("x + 1"), "So the answer is 43."]
+    with scripted_model(script) as model:
+        bot = TIRMathAgent(llm=llm_config(model), executor={"base_url": service.url})
+        assert isinstance(bot.executor, KernelboxPythonExecutor)
+        try:
+            *_, responses = bot.run([{"role": "user", "content": "What is 6 * 7 + 1?"}])
+            text = responses[-1]["content"]
+            # The executor's answers, in the TIR agent's output blocks; x lived on.
+            assert "```output\n42\n```\n" in text
+            assert "```output\n43\n```\n" in text
+            assert text.endswith("So the answer is 43.")
+            # The model saw the first output in its second prompt.
+            assert "```output\\n42\\n```" in json.dumps(model.requests[1]["messages"])
+            sid = bot.executor.session.id
+        finally:
+            bot.executor.close()
+    answer = httpx.get(
+        f"{service.url}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert answer.status_code == 404
+
+
+def test_the_executor_answers_in_the_executors_own_format(service):
+    tool = KernelboxPythonExecutor({"base_url": service.url, "api_key": KEY, "timeout": 1})
+    try:
+        assert tool.call({"code": "print('a' * 300)"}) == ["a" * 128 + "..." + "a" * 128, "Done"]
+        assert tool.call({"code": "undefined_name"}) == [
+            "",
+            "NameError: name 'undefined_name' is not defined",
+        ]
+        assert tool.call({"code": "import time\ntime.sleep(30)"}) == ["", "Timeout Error"]
+        assert tool.call({"code": ""}) == ["", ""]
     finally:
         tool.close()

@@ -1,2 +1,3 @@
 """Drop-in tools for agent frameworks, each an optional extra of kernelbox-client:
-`kernelbox.integrations.qwen_agent` (`pip install './client[qwen-agent]'`)."""
+`kernelbox.integrations.qwen_agent` (`pip install './client[qwen-agent]'`) and
+`kernelbox.integrations.modelscope_agent` (`pip install './client[modelscope-agent]'`)."""

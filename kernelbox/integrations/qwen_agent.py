@@ -1,13 +1,17 @@
-"""Qwen-Agent's `code_interpreter`, run on a kernelbox service.
+"""Qwen-Agent's code tools, run on a kernelbox service.
 
 Importing this module registers `KernelboxCodeInterpreter` as Qwen-Agent's `code_interpreter`
 tool (replacing its own, which starts local Docker containers), so `Assistant`, `ReActChat`
-and the TIR agents given `function_list=['code_interpreter']` run their code on kernelbox
+and the other agents given `function_list=['code_interpreter']` run their code on kernelbox
 without another change; an instance can be passed in `function_list` too. The tool returns
 the text Qwen-Agent's own returns (kernelbox's `qwen` rendering is byte-compatible with it,
 docs/renderings.md), images included: each image is saved into the tool's `work_dir` and
 linked from the text by that path, or under `M6_CODE_INTERPRETER_STATIC_URL` when it is set,
 as Qwen-Agent does.
+
+Qwen-Agent's TIR agent (`TIRMathAgent`) builds its own `python_executor`, which runs the
+model's code unsandboxed in the agent's process pool; `TIRMathAgent` here is the same agent
+with `KernelboxPythonExecutor` in its place, answering in the executor's own format.
 
 One kernelbox session per tool instance, made at the first call, so variables persist across
 the calls of a conversation; `close()` (or the end of the instance) deletes it. Settings
@@ -17,21 +21,29 @@ the calls of a conversation; `close()` (or the end of the instance) deletes it. 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from typing import Any
 
-from qwen_agent.tools.base import TOOL_REGISTRY, BaseToolWithFileAccess
+from qwen_agent.agents import tir_agent
+from qwen_agent.agents.fncall_agent import FnCallAgent
+from qwen_agent.llm.schema import DEFAULT_SYSTEM_MESSAGE
+from qwen_agent.tools.base import TOOL_REGISTRY, BaseTool, BaseToolWithFileAccess
 from qwen_agent.tools.code_interpreter import CodeInterpreter
+from qwen_agent.tools.python_executor import PythonExecutor
+from qwen_agent.utils.utils import merge_generate_cfgs
 
-from kernelbox import Client
 from kernelbox.client import Session
-from kernelbox_wire.models import RenderOptions
+from kernelbox_wire.models import Execution, RenderOptions
 from kernelbox_wire.render import render_text
 from kernelbox_wire.tools import extract_code
 
-__all__ = ["KernelboxCodeInterpreter", "register"]
+from ._tool_session import ToolSession
+
+__all__ = ["KernelboxCodeInterpreter", "KernelboxPythonExecutor", "TIRMathAgent", "register"]
+
+
+def _tool_session(cfg: dict) -> ToolSession:
+    return ToolSession(cfg.get("base_url"), cfg.get("api_key"), cfg.get("idle_timeout"))
 
 
 class KernelboxCodeInterpreter(BaseToolWithFileAccess):
@@ -46,52 +58,125 @@ class KernelboxCodeInterpreter(BaseToolWithFileAccess):
         self.work_dir = os.getenv("M6_CODE_INTERPRETER_WORK_DIR", self.work_dir)
         self.work_dir = self.cfg.get("work_dir", self.work_dir)
         self.timeout: float | None = self.cfg.get("timeout")
-        self._client = Client(self.cfg.get("base_url"), self.cfg.get("api_key"))
-        self._idle_timeout: float | None = self.cfg.get("idle_timeout")
-        self._session: Session | None = None
-        self._lock = threading.Lock()
+        self._kernelbox = _tool_session(self.cfg)
 
     @property
     def session(self) -> Session:
         """This instance's session, made on first use."""
-        with self._lock:
-            if self._session is None:
-                self._session = self._client.create_session(idle_timeout=self._idle_timeout)
-            return self._session
+        return self._kernelbox.session
 
     def call(self, params: str | dict, files: list[str] | None = None, **kwargs: Any) -> str:
         super().call(params=params, files=files)  # remote files into work_dir, as Qwen's
-        session = self.session
         for path in files or []:  # ... and on into the session's working directory
             local = os.path.join(self.work_dir, os.path.basename(path))
             if os.path.isfile(local):
-                session.upload(local, os.path.basename(path))
+                self.session.upload(local, os.path.basename(path))
         code = extract_code(params)
         if not code.strip():
             return ""  # as Qwen's tool answers empty code
-        timeout = kwargs.get("timeout", self.timeout)
-        execution = session.execute(code, timeout=timeout)
+        execution = self._kernelbox.execute(code, kwargs.get("timeout", self.timeout))
         static = os.getenv("M6_CODE_INTERPRETER_STATIC_URL", "")
-        for image in execution.images:
-            name = f"{session.id}-{os.path.basename(image.path)}"
-            os.makedirs(self.work_dir, exist_ok=True)
-            local = os.path.join(self.work_dir, name)
-            session.download_to(image, local)
-            image.url = f"{static}/{name}" if static else local
+        self._kernelbox.save_images(execution, self.work_dir, static)
         return render_text(execution, RenderOptions(style="qwen"))
 
     def close(self) -> None:
         """Delete the session (its variables and files) and close the connection."""
-        with self._lock:
-            session, self._session = self._session, None
-        with contextlib.suppress(Exception):
-            if session is not None:
-                session.delete()
-        with contextlib.suppress(Exception):
-            self._client.close()
+        self._kernelbox.close()
 
     def __del__(self) -> None:
         self.close()
+
+
+# Qwen-Agent's python_executor cuts its answer and its error line to this many characters.
+EXECUTOR_MAX_CHARS = 256
+
+
+def _cut(text: str, max_chars: int = EXECUTOR_MAX_CHARS) -> str:
+    """The executor's own cut: the first and last halves, `...` between."""
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return text[:half] + "..." + text[-half:]
+
+
+def executor_answer(execution: Execution) -> list[str]:
+    """`[output, "Done"]` or `["", error line]`, as Qwen-Agent's python_executor answers.
+
+    The output is stdout followed by the cell's value (a kernel shows the last expression;
+    the executor's subprocess does not), so `x` alone on the last line answers too.
+    """
+    if execution.status == "timeout":
+        return ["", "Timeout Error"]
+    if execution.error is not None:
+        return ["", _cut(f"{execution.error.name}: {execution.error.value}".strip())]
+    parts = [execution.stdout]
+    for result in execution.results:
+        plain = result.data.get("text/plain")
+        if result.type == "execute_result" and isinstance(plain, str):
+            parts.append(plain)
+    return [_cut("\n".join(p.strip("\n") for p in parts if p.strip()).strip()), "Done"]
+
+
+class KernelboxPythonExecutor(BaseTool):
+    """Qwen-Agent's `python_executor` (the TIR agent's tool) on a kernelbox session."""
+
+    name = PythonExecutor.name
+    description = "For executing python code in a sandboxed, stateful kernel."
+    parameters = PythonExecutor.parameters
+
+    def __init__(self, cfg: dict | None = None) -> None:
+        super().__init__(cfg)
+        self.timeout: float | None = self.cfg.get("timeout", 20)  # the executor's default
+        self._kernelbox = _tool_session(self.cfg)
+
+    @property
+    def session(self) -> Session:
+        return self._kernelbox.session
+
+    def call(self, params: str | dict, **kwargs: Any) -> list[str]:
+        code = extract_code(params)
+        if not code.strip():
+            return ["", ""]  # as the executor answers empty code
+        return executor_answer(self._kernelbox.execute(code, self.timeout))
+
+    def close(self) -> None:
+        self._kernelbox.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class TIRMathAgent(tir_agent.TIRMathAgent):
+    """Qwen-Agent's TIR agent with `KernelboxPythonExecutor` for its executor (`executor`:
+    the executor's settings, as `cfg` above)."""
+
+    def __init__(
+        self,
+        llm: Any = None,
+        system_message: str | None = DEFAULT_SYSTEM_MESSAGE,
+        name: str | None = None,
+        description: str | None = None,
+        executor: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # The parent's __init__ would start its own executor (a process pool) first.
+        FnCallAgent.__init__(
+            self,
+            function_list=[KernelboxPythonExecutor(executor)],
+            llm=llm,
+            system_message=system_message,
+            name=name,
+            description=description,
+            **kwargs,
+        )
+        self.extra_generate_cfg = merge_generate_cfgs(
+            base_generate_cfg=self.extra_generate_cfg,
+            new_generate_cfg={"stop": [tir_agent.OBS_START]},
+        )
+
+    @property
+    def executor(self) -> KernelboxPythonExecutor:
+        return self.function_map[PythonExecutor.name]
 
 
 def register() -> None:
