@@ -4,12 +4,18 @@ it again would make a second copy of its state)."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import httpx
 import pytest
 
 from kernelbox_server.sandbox.backends.base import KernelBackend, KernelConfig
 from kernelbox_server.sandbox.backends.local import LocalBackend
 
+ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("KERNELBOX_IMAGE", "kernelbox-kernel:latest")
 REQUIRE_DOCKER = os.environ.get("KERNELBOX_REQUIRE_DOCKER") == "1"
 DOCKER_RUNTIME = os.environ.get("KERNELBOX_DOCKER_RUNTIME") or None
@@ -79,3 +85,32 @@ def container_cmdlines(container) -> list[str]:
     except (docker.errors.NotFound, docker.errors.APIError):  # removed, or removing (409)
         return []
     return ran.output.decode(errors="replace").splitlines()
+
+
+def pypi_reachable() -> bool:
+    try:
+        return httpx.head("https://pypi.org/simple/httpx/", timeout=10).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def fresh_venv(where: Path, requirements: list[str], timeout: float = 900) -> Path:
+    """A venv of its own under `where` with `requirements` installed; its python.
+
+    For packages whose pins clash with this project's. uv installs when the test venv has it
+    (a minute instead of several for the big sets), else pip.
+    """
+    venv = where / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
+    command = (
+        [uv, "pip", "install", "--python", str(python)]
+        if uv
+        else [str(python), "-m", "pip", "install"]
+    )
+    install = subprocess.run(
+        [*command, "-q", *requirements], capture_output=True, text=True, timeout=timeout
+    )
+    assert install.returncode == 0, install.stdout + install.stderr[-3000:]
+    return python

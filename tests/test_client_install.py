@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.server import running_server
+from tests.support import ROOT, fresh_venv, pypi_reachable
 
-ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ["jupyter_client", "zmq", "fastapi", "uvicorn", "psutil", "docker", "ipykernel", "numpy"]
 
 CLIENT_SCRIPT = textwrap.dedent(
@@ -63,35 +60,12 @@ CLIENT_SCRIPT = textwrap.dedent(
 )
 
 
-def pypi_reachable() -> bool:
-    try:
-        return httpx.head("https://pypi.org/simple/httpx/", timeout=10).status_code < 500
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.mark.timeout(600)
 def test_client_only_install_works_against_the_service(tmp_path):
     if not pypi_reachable():
         pytest.skip("PyPI is not reachable: cannot install into a fresh venv")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    install = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            str(ROOT / "client"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    assert install.returncode == 0, install.stdout + install.stderr
+    python = fresh_venv(tmp_path, [str(ROOT / "client")], timeout=540)
+    venv = python.parent.parent
 
     frozen = subprocess.run(
         [str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
+import subprocess
 import time
 
 import httpx
@@ -18,6 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from tests.server import running_server
+from tests.support import fresh_venv, pypi_reachable
 
 KEY_A, KEY_B = "mcp-key-a", "mcp-key-b"
 TOOLS = {"create_session", "run_code", "list_files", "read_file", "write_file", "delete_session"}
@@ -283,3 +286,45 @@ async def test_openai_agents_sdk_lists_and_calls_the_tools(server):
         assert result.structured_content["stdout"] == "42\n"
         assert result.content[0].text == "stdout:\n\n```\n42\n\n```"
         await mcp_server.call_tool("delete_session", {"session_id": sid})
+
+
+LANGCHAIN_SCRIPT = """
+import asyncio, json, sys
+from langchain_mcp_adapters.client import MultiServerMCPClient
+
+async def main(url, key):
+    client = MultiServerMCPClient({"kernelbox": {
+        "url": url, "transport": "streamable_http", "headers": {"Authorization": f"Bearer {key}"}}})
+    tools = {tool.name: tool for tool in await client.get_tools()}
+    created = await tools["create_session"].ainvoke({})
+    sid = json.loads(created[0]["text"])["session_id"]
+    await tools["run_code"].ainvoke({"code": "w = 6 * 7", "session_id": sid})
+    answer = await tools["run_code"].ainvoke({"code": "print(w)", "session_id": sid})
+    await tools["delete_session"].ainvoke({"session_id": sid})
+    print(json.dumps({"tools": sorted(tools), "args": sorted(tools["run_code"].args),
+                      "answer": answer}))
+
+asyncio.run(main(*sys.argv[1:3]))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_langchain_mcp_adapters_load_and_call_the_tools(server, tmp_path):
+    """LangChain's MCP client (langchain-mcp-adapters), without a model: its tools, called.
+
+    Its releases import the 1.x SDK's modules, so it runs in a venv of its own with mcp 1.x:
+    a client of the other SDK era, against this server."""
+    if not pypi_reachable():
+        pytest.skip("PyPI is not reachable: cannot install langchain-mcp-adapters")
+    python = fresh_venv(tmp_path, ["langchain-mcp-adapters>=0.1", "mcp>=1.9,<2"])
+    run = subprocess.run(
+        [str(python), "-c", LANGCHAIN_SCRIPT, f"{server.url}/mcp", KEY_A],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(answer["tools"]) == TOOLS
+    assert "code" in answer["args"] and "session_id" in answer["args"]
+    assert [part["text"] for part in answer["answer"]] == ["stdout:\n\n```\n42\n\n```"]

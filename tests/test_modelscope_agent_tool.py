@@ -12,9 +12,7 @@ cache); skipped when PyPI cannot be reached.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,9 +21,8 @@ import pytest
 
 from tests.scripted_llm import scripted_model
 from tests.server import running_server
-from tests.test_client_install import pypi_reachable
+from tests.support import ROOT, fresh_venv, pypi_reachable
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "modelscope-key"
 
 AGENT_SCRIPT = textwrap.dedent(
@@ -61,23 +58,8 @@ def action(code: str) -> str:
 def modelscope_python(tmp_path_factory) -> Path:
     if not pypi_reachable():
         pytest.skip("PyPI is not reachable: cannot install modelscope-agent into a fresh venv")
-    venv = tmp_path_factory.mktemp("modelscope") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    uv = shutil.which("uv", path=str(Path(sys.executable).parent))
-    command = (
-        [uv, "pip", "install", "--python", str(python)]
-        if uv
-        else [str(python), "-m", "pip", "install"]
-    )
-    install = subprocess.run(
-        [*command, "-q", f"{ROOT / 'client'}[modelscope-agent]"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
-    return python
+    where = tmp_path_factory.mktemp("modelscope")
+    return fresh_venv(where, [f"{ROOT / 'client'}[modelscope-agent]"])
 
 
 @pytest.mark.timeout(1200)
