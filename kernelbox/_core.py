@@ -290,6 +290,15 @@ def download(session_id: str, path: str | Image) -> Call[bytes]:
     return Call("GET", file_path(session_id, path), _bytes, not_found="file")
 
 
+def notebook(session_id: str) -> Call[dict[str, Any]]:
+    return Call("GET", f"{session_path(session_id)}/notebook", lambda r: r.json())
+
+
+def notebook_bytes(notebook: dict[str, Any]) -> bytes:
+    """A notebook as an .ipynb file holds it (nbformat writes one-space indents)."""
+    return (json.dumps(notebook, indent=1, ensure_ascii=False) + "\n").encode()
+
+
 def delete_file(session_id: str, path: str) -> Call[None]:
     return Call("DELETE", file_path(session_id, path), _none, not_found="file")
 

@@ -243,6 +243,14 @@ class AsyncSession:
         Path(directory).mkdir(parents=True, exist_ok=True)
         return [await self.download_to(image, directory) for image in execution.images]
 
+    async def notebook(self) -> dict[str, Any]:
+        """The session's history as a Jupyter notebook; as `Session.notebook`."""
+        return await self._http.send(core.notebook(self.id))
+
+    async def save_notebook(self, dest: str | os.PathLike[str]) -> Path:
+        """Save the session's history as an `.ipynb` at `dest`; returns the path."""
+        return core.write_local(Path(dest), core.notebook_bytes(await self.notebook()))
+
     async def delete_file(self, path: str) -> None:
         await self._http.send(core.delete_file(self.id, path))
 

@@ -245,6 +245,15 @@ class Session:
         Path(directory).mkdir(parents=True, exist_ok=True)
         return [self.download_to(image, directory) for image in execution.images]
 
+    def notebook(self) -> dict[str, Any]:
+        """The session's history as a Jupyter notebook (nbformat 4, as JSON): each execution
+        a code cell with its outputs and images, in order."""
+        return self._http.send(core.notebook(self.id))
+
+    def save_notebook(self, dest: str | os.PathLike[str]) -> Path:
+        """Save the session's history as an `.ipynb` at `dest`; returns the path."""
+        return core.write_local(Path(dest), core.notebook_bytes(self.notebook()))
+
     def delete_file(self, path: str) -> None:
         self._http.send(core.delete_file(self.id, path))
 

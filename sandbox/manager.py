@@ -24,6 +24,7 @@ from kernelbox_wire.models import Execution
 from .backends.base import KernelBackend
 from .errors import SessionBusy
 from .files import FileLimits
+from .history import to_notebook
 from .notebooks import NotebookRun, run_notebook
 from .oneshot import OneShotKernels, remove_workspace
 from .pool import KernelPool, WarmKernel
@@ -176,6 +177,13 @@ class SessionManager:
     def files(self, session_id: str, owner: str) -> Workspace:
         """The session's working directory, as the service may reach it."""
         return self.get(session_id, owner).session.workspace
+
+    async def notebook(self, session_id: str, owner: str) -> str:
+        """The session's history as an .ipynb (JSON text); built off the event loop, since a
+        history holds up to its byte limit of output to encode and validate."""
+        history = self.get(session_id, owner).session.history
+        # The cells are taken here, on the loop: the session may add one while the thread works.
+        return await asyncio.to_thread(to_notebook, history.cells(), history.dropped)
 
     # -- one-shot runs ----------------------------------------------------------------------
 

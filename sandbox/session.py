@@ -32,6 +32,7 @@ from . import quota
 from .backends.base import ExitInfo, KernelBackend
 from .capture import CaptureLimits, ImageNamer, OutputCapture
 from .errors import KernelStartError, SessionBusy, SessionClosed
+from .history import SessionHistory
 from .kernel import DIED, Budget, Kernel, ProtocolError
 from .workspace import Workspace
 
@@ -99,6 +100,8 @@ class KernelSession:
         self.namer = ImageNamer()
         self.disk = quota.DiskUsage()
         self.execution_count = 0
+        #: what ran and what it showed, for the notebook export (bounded)
+        self.history = SessionHistory()
         self._lock = asyncio.Lock()
         self._restarting: asyncio.Task[None] | None = None
         # Why state was lost between executions, for the next execution to say.
@@ -165,6 +168,8 @@ class KernelSession:
             if lost:
                 result.kernel_restarted = True
                 result.notes.insert(0, lost)
+            if code.strip():
+                self.history.add(code, result)
             return result
 
     async def _ensure_kernel(self) -> str | None:

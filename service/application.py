@@ -106,6 +106,10 @@ class Application:
         """The session's working directory, as the host may reach it (bounded, off the loop)."""
         return self.manager.files(session_id, owner)
 
+    async def notebook(self, session_id: str, owner: str) -> str:
+        """The session's history as an .ipynb: its cells in order with their outputs."""
+        return await self.manager.notebook(session_id, owner)
+
     # -- one-shot runs ----------------------------------------------------------------------
 
     async def run_once(

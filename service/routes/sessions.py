@@ -94,3 +94,24 @@ async def interrupt(session_id: str, application: App, owner: Owner) -> dict[str
 async def restart(session_id: str, application: App, owner: Owner) -> Session:
     """A fresh kernel in the same working directory: variables are lost, files kept."""
     return await application.restart(session_id, owner)
+
+
+@router.get(
+    "/{session_id}/notebook",
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The session's history as a Jupyter notebook (nbformat 4): each "
+            "execution a code cell with its outputs and images, in order.",
+            "content": {"application/x-ipynb+json": {}},
+        },
+    },
+)
+async def notebook(session_id: str, application: App, owner: Owner) -> Response:
+    """The session's history as an `.ipynb`, valid by nbformat's validator."""
+    text = await application.notebook(session_id, owner)
+    return Response(
+        text,
+        media_type="application/x-ipynb+json",
+        headers={"Content-Disposition": f'attachment; filename="{session_id}.ipynb"'},
+    )
