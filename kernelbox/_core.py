@@ -272,6 +272,10 @@ def interrupt(session_id: str) -> Call[bool]:
     )
 
 
+def pause(session_id: str) -> Call[Session]:
+    return Call("POST", f"{session_path(session_id)}/pause", _model(_SESSION))
+
+
 def restart(session_id: str) -> Call[Session]:
     # Idempotent enough: a second restart of a fresh kernel loses nothing more.
     return Call("POST", f"{session_path(session_id)}/restart", _model(_SESSION))

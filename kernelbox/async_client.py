@@ -210,6 +210,11 @@ class AsyncSession:
         self.info = await self._http.send(core.restart(self.id))
         return self.info
 
+    async def pause(self) -> SessionInfo:
+        """Free the kernel, keeping variables and files; as `Session.pause`."""
+        self.info = await self._http.send(core.pause(self.id))
+        return self.info
+
     async def run_tool_call(
         self, tool_call: Any, *, format: Format | None = "openai", timeout: float | None = None
     ) -> dict[str, Any] | str:

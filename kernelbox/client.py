@@ -212,6 +212,12 @@ class Session:
         self.info = self._http.send(core.restart(self.id))
         return self.info
 
+    def pause(self) -> SessionInfo:
+        """Free the kernel, keeping variables and files; the next execute resumes it (its
+        Execution's `not_restored` names what could not be restored, and why)."""
+        self.info = self._http.send(core.pause(self.id))
+        return self.info
+
     def run_tool_call(
         self, tool_call: Any, *, format: Format | None = "openai", timeout: float | None = None
     ) -> dict[str, Any] | str:

@@ -75,6 +75,10 @@ class Execution(_Model):
     # What the host left out or changed, in words (output over a limit, an image not saved, a
     # kernel replaced between calls); `truncated` is true when output was left out.
     notes: list[str] = Field(default_factory=list)
+    # The session had been paused and this execution resumed it in a fresh kernel, with its
+    # variables restored except those named here (name -> why).
+    resumed: bool = False
+    not_restored: dict[str, str] = Field(default_factory=dict)
 
 
 class RenderOptions(_Model):
@@ -88,7 +92,7 @@ class RenderOptions(_Model):
 
 class Session(_Model):
     id: str
-    status: Literal["idle", "busy", "restarting", "closed"]
+    status: Literal["idle", "busy", "restarting", "paused", "closed"]
     created_at: datetime
     last_used_at: datetime
     expires_at: datetime | None

@@ -23,6 +23,7 @@ from .text import strip_ansi, truncate_middle
 NOTHING_TEXT = "Finished execution."
 TIMEOUT_LINE = "Timeout: Code execution exceeded the time limit."
 STATE_LOST_LINE = "The interpreter was restarted: variables, imports and definitions are lost."
+RESUMED_LINE = "The session was resumed after a pause; these variables could not be restored:"
 TOOL_NAME = "code_interpreter"
 
 
@@ -42,6 +43,14 @@ def _error_text(execution: Execution) -> str:
     if execution.kernel_restarted and execution.status == "timeout":
         text += "\n" + STATE_LOST_LINE
     return text
+
+
+def _not_restored_text(execution: Execution) -> str:
+    """What a resumed session lost, for the model (nothing when everything came back)."""
+    if not (execution.resumed and execution.not_restored):
+        return ""
+    lines = [f"{name}: {why}" for name, why in sorted(execution.not_restored.items())]
+    return "\n".join([RESUMED_LINE, *lines])
 
 
 def _image_markdown(execution: Execution, path: str) -> str:
@@ -71,13 +80,16 @@ def render_qwen(execution: Execution, max_chars: int = 20_000) -> str:
     if execution.kernel_restarted and execution.status in ("ok", "error"):
         # The kernel had died between calls: the model must not rely on earlier state.
         parts.insert(0, _block("error", STATE_LOST_LINE, max_chars))
+    lost = _not_restored_text(execution)
+    if lost:
+        parts.insert(0, _block("error", lost, max_chars))
     body = "\n\n".join(parts)
     return body if body.strip() else NOTHING_TEXT
 
 
 def render_plain(execution: Execution, max_chars: int = 20_000) -> str:
     """stdout, stderr, the last result's text, the error's last line; no headers."""
-    parts = [execution.stdout, execution.stderr]
+    parts = [_not_restored_text(execution), execution.stdout, execution.stderr]
     for result in reversed(execution.results):
         plain = result.data.get("text/plain")
         if result.type == "execute_result" and isinstance(plain, str):

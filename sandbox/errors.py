@@ -27,3 +27,7 @@ class PoolExhausted(SandboxError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class PauseFailed(SandboxError):
+    """The session's variables could not be saved; it keeps running, nothing is lost."""

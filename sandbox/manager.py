@@ -46,6 +46,8 @@ class ManagerOptions:
     max_runs_per_owner: int | None = None
     default_idle_timeout: float = 600.0
     max_idle_timeout: float = 3600.0
+    #: seconds unused after which a session pauses by itself (0: never)
+    pause_after: float = 0.0
     # How long a create may wait for a free slot before PoolExhausted (0: answer at once).
     acquire_wait: float = 0.0
     reap_interval: float = 1.0
@@ -68,6 +70,7 @@ class SessionManager:
             self.sessions,
             self._close,
             interval=opts.reap_interval,
+            pause_after=opts.pause_after,
             disk_check_interval=opts.disk_check_interval,
             disks_enforced=pool.workdirs.enforced,
         )
@@ -177,6 +180,12 @@ class SessionManager:
     def files(self, session_id: str, owner: str) -> Workspace:
         """The session's working directory, as the service may reach it."""
         return self.get(session_id, owner).session.workspace
+
+    async def pause(self, session_id: str, owner: str) -> ManagedSession:
+        """Save the session's variables and stop its kernel; the next execution resumes it."""
+        managed = self.get(session_id, owner)
+        await managed.session.pause()
+        return managed
 
     async def notebook(self, session_id: str, owner: str) -> str:
         """The session's history as an .ipynb (JSON text); built off the event loop, since a

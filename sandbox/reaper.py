@@ -1,5 +1,7 @@
-"""The idle reaper: sessions idle past their timeout are closed; where no filesystem enforces
-the disk limit, idle sessions are measured every `disk_check_interval` (quota.py)."""
+"""The idle reaper: sessions idle past their timeout are closed; sessions unused for
+`pause_after` seconds are paused (their variables saved, their kernels stopped); where no
+filesystem enforces the disk limit, idle sessions are measured every `disk_check_interval`
+(quota.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from .errors import SandboxError
 from .session_registry import ManagedSession, SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -21,12 +24,17 @@ class IdleReaper:
         close: Callable[[ManagedSession], Awaitable[None]],
         *,
         interval: float,
+        pause_after: float = 0.0,
         disk_check_interval: float,
         disks_enforced: bool,
     ) -> None:
         self.sessions = sessions
         self._close = close
         self.interval = interval
+        self.pause_after = pause_after
+        # Sessions whose pause failed, with when they were last used: not tried again until
+        # they are used again (a namespace that cannot be saved stays as it is).
+        self._pause_failed: dict[str, float] = {}
         self.disk_check_interval = disk_check_interval
         self.disks_enforced = disks_enforced
         self.reaped_total = 0
@@ -46,6 +54,8 @@ class IdleReaper:
         while True:
             await asyncio.sleep(self.interval)
             await self.reap_expired()
+            if self.pause_after:
+                await self.pause_unused()
             if (
                 not self.disks_enforced
                 and time.monotonic() - last_disk_check >= self.disk_check_interval
@@ -64,6 +74,23 @@ class IdleReaper:
                     await self._close(managed)
                 except Exception:
                     log.exception("closing expired session %s failed", managed.id)
+
+    async def pause_unused(self) -> None:
+        now = time.time()
+        for managed in self.sessions:
+            session = managed.session
+            if session.paused or session.busy or now - managed.last_used_at < self.pause_after:
+                continue
+            if self._pause_failed.get(managed.id) == managed.last_used_at:
+                continue
+            try:
+                await session.pause()
+                log.info("session %s paused after %.0f s unused", managed.id, self.pause_after)
+            except SandboxError as exc:  # busy again, closed, or the namespace would not save
+                log.warning("session %s was not paused: %s", managed.id, exc)
+                self._pause_failed[managed.id] = managed.last_used_at
+        live = {m.id for m in self.sessions}
+        self._pause_failed = {k: v for k, v in self._pause_failed.items() if k in live}
 
     async def check_disks(self) -> None:
         sessions = [m.session for m in self.sessions]

@@ -31,9 +31,10 @@ from . import files as session_files
 from . import quota
 from .backends.base import ExitInfo, KernelBackend
 from .capture import CaptureLimits, ImageNamer, OutputCapture
-from .errors import KernelStartError, SessionBusy, SessionClosed
+from .errors import KernelStartError, PauseFailed, SessionBusy, SessionClosed
 from .history import SessionHistory
 from .kernel import DIED, Budget, Kernel, ProtocolError
+from .namespace import RESTORE_CODE, SAVE_CODE, STATE_FILE, BadReport, Report, parse_report
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class SessionOptions:
     # After IOPub reported idle, how long to wait for the execute reply before the kernel
     # counts as broken (an honest kernel sends both at once).
     reply_after_idle: float = 5.0
+    # How long saving (pause) or restoring (resume) the variables may take.
+    pause_timeout: float = 120.0
     capture: CaptureLimits = field(default_factory=CaptureLimits)
 
 
@@ -106,6 +109,8 @@ class KernelSession:
         self._restarting: asyncio.Task[None] | None = None
         # Why state was lost between executions, for the next execution to say.
         self._notice: str | None = None
+        # Paused: what was saved (the kernel is stopped until the next execution).
+        self._paused: Report | None = None
         self._closed = False
 
     @classmethod
@@ -140,6 +145,8 @@ class KernelSession:
     def status(self) -> str:
         if self._closed:
             return "closed"
+        if self._paused is not None:
+            return "paused"
         if self._restarting is not None and not self._restarting.done():
             return "restarting"
         return "busy" if self.busy else "idle"
@@ -160,6 +167,7 @@ class KernelSession:
         if self._lock.locked():
             raise SessionBusy(f"session {self.id} is already running code")
         async with self._lock:
+            resumed = await self._resume() if self._paused is not None else None
             lost = await self._ensure_kernel()
             if not code.strip():
                 result = Execution(status="ok")
@@ -168,6 +176,10 @@ class KernelSession:
             if lost:
                 result.kernel_restarted = True
                 result.notes.insert(0, lost)
+            if resumed is not None:
+                result.resumed = True
+                result.not_restored = resumed.failed
+                result.notes.insert(0, _resume_note(resumed))
             if code.strip():
                 self.history.add(code, result)
             return result
@@ -396,6 +408,8 @@ class KernelSession:
         limit = self.backend.config.limits.disk_bytes
         if not limit or self.workspace.own_filesystem or self.busy or self._closed:
             return
+        if self._paused is not None:  # no kernel runs to be writing
+            return
         size = await self.disk.over(self.workspace, limit)
         if size is not None and not self.busy and not self._closed:
             log.warning("session %s: %d bytes on disk while idle; restarting", self.id, size)
@@ -409,27 +423,93 @@ class KernelSession:
     async def run_hidden(self, code: str, timeout: float = 10.0) -> None:
         """Run set-up code silently (no history, no execution count, no output kept)."""
         async with self._lock:
+            if self._paused is not None:
+                await self._resume()
             await self._ensure_kernel()
-            assert self.kernel.conn is not None
-            msg_id, queue = self.kernel.conn.send(
-                "execute_request", execute_content(code, silent=True), Budget(0)
-            )
+            await self._silently(code, timeout)
+
+    async def _silently(
+        self, code: str, timeout: float, expressions: dict[str, str] | None = None
+    ) -> dict:
+        """Run code silently on the current kernel; its execute_reply (checked: ok)."""
+        assert self.kernel.conn is not None
+        content = execute_content(code, silent=True)
+        content["user_expressions"] = expressions or {}
+        # What the reply may bring in: the expressions' text (a report) and no more.
+        msg_id, queue = self.kernel.conn.send("execute_request", content, Budget(2 * 1024**2))
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    msg = await queue.get()
+                    if msg is DIED:
+                        raise KernelStartError("the kernel died running set-up code")
+                    if msg["msg_type"] == "execute_reply":
+                        if msg["content"].get("status") != "ok":
+                            raise KernelStartError(
+                                f"set-up code failed: {msg['content'].get('evalue')}"
+                            )
+                        return msg
+        except TimeoutError:
+            raise KernelStartError("the kernel did not run its set-up code") from None
+        finally:
+            self.kernel.conn.forget(msg_id)
+
+    # -- pause and resume ------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._paused is not None
+
+    async def pause(self) -> Report:
+        """Save the variables into the working directory and stop the kernel, freeing its
+        memory; the next execution resumes in a fresh kernel with them restored (and says
+        which could not be). Files are kept. Pausing a paused session changes nothing.
+        PauseFailed (the kernel keeps running) when the variables cannot be saved."""
+        if self._closed:
+            raise SessionClosed(f"session {self.id} is closed")
+        if self._lock.locked():
+            raise SessionBusy(f"session {self.id} is running code")
+        async with self._lock:
+            if self._paused is not None:
+                return self._paused
+            lost = await self._ensure_kernel()
+            if lost:  # the next execution must still say that state was lost before
+                self._notice = lost
             try:
-                async with asyncio.timeout(timeout):
-                    while True:
-                        msg = await queue.get()
-                        if msg is DIED:
-                            raise KernelStartError("the kernel died running set-up code")
-                        if msg["msg_type"] == "execute_reply":
-                            if msg["content"].get("status") != "ok":
-                                raise KernelStartError(
-                                    f"set-up code failed: {msg['content'].get('evalue')}"
-                                )
-                            return
-            except TimeoutError:
-                raise KernelStartError("the kernel did not run its set-up code") from None
-            finally:
-                self.kernel.conn.forget(msg_id)
+                reply = await self._silently(
+                    SAVE_CODE, self.options.pause_timeout, {"report": "__kernelbox_pause()"}
+                )
+                report = parse_report(reply, "report")
+            except (KernelStartError, BadReport) as exc:
+                raise PauseFailed(f"the session's variables could not be saved: {exc}") from None
+            await self.kernel.shutdown()
+            self._paused = report
+            log.info("session %s paused (%d names saved)", self.id, len(report.names))
+            return report
+
+    async def _resume(self) -> Report:
+        """A fresh kernel with the paused variables restored; what could not be, with why
+        (names the pause could not save included). Still paused if no kernel starts."""
+        assert self._paused is not None
+        saved = self._paused
+        self.kernel = await Kernel.start(self.backend, self.workspace.root, self.env)
+        self.workspace.adopt(self.kernel.proc)
+        self._paused = None
+        try:
+            reply = await self._silently(
+                RESTORE_CODE, self.options.pause_timeout, {"report": "__kernelbox_resume()"}
+            )
+            report = parse_report(reply, "report")
+        except (KernelStartError, BadReport) as exc:
+            reason = f"not restored: {exc}"
+            report = Report(failed={name: reason for name in saved.names})
+            self._schedule_restart()  # a kernel that failed its restore is not trusted
+        if report.missing:
+            reason = "not restored: the saved state was not in the working directory"
+            report = Report(failed={name: reason for name in saved.names})
+        report.failed = {**saved.failed, **report.failed}
+        log.info("session %s resumed (%d names not restored)", self.id, len(report.failed))
+        return report
 
     # -- control ---------------------------------------------------------------------------
 
@@ -463,6 +543,10 @@ class KernelSession:
         self.kernel = await Kernel.start(self.backend, self.workspace.root, self.env)
         self.workspace.adopt(self.kernel.proc)
         self.execution_count = 0
+        if self._paused is not None:  # a restart forgets the paused variables
+            self._paused = None
+            with contextlib.suppress(FileNotFoundError):
+                await self.workspace.delete(STATE_FILE)
 
     async def close(self) -> None:
         """Stop the kernel; the working directory is left to whoever created it."""
@@ -473,6 +557,13 @@ class KernelSession:
             with contextlib.suppress(BaseException):
                 await self._restarting
         await self.kernel.shutdown()
+
+
+def _resume_note(report: Report) -> str:
+    if not report.failed:
+        return "The session was resumed after a pause: every variable was restored."
+    lost = "; ".join(f"{name} ({why})" for name, why in sorted(report.failed.items()))
+    return f"The session was resumed after a pause; not restored: {lost}"
 
 
 def execute_content(code: str, silent: bool = False) -> dict:

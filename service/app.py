@@ -78,6 +78,7 @@ def manager_options(settings: Settings, run_slots: int) -> ManagerOptions:
         max_runs_per_owner=settings.max_runs_per_key or settings.per_key(run_slots),
         default_idle_timeout=settings.idle_timeout,
         max_idle_timeout=settings.max_idle_timeout,
+        pause_after=settings.pause_after,
         acquire_wait=settings.pool_wait,
         session=SessionOptions(
             default_timeout=settings.default_timeout,

@@ -102,6 +102,10 @@ class Application:
     async def restart(self, session_id: str, owner: str) -> Session:
         return (await self.manager.restart(session_id, owner)).to_model()
 
+    async def pause(self, session_id: str, owner: str) -> Session:
+        """Free the session's kernel, keeping its variables and files for the next execute."""
+        return (await self.manager.pause(session_id, owner)).to_model()
+
     def files(self, session_id: str, owner: str) -> Workspace:
         """The session's working directory, as the host may reach it (bounded, off the loop)."""
         return self.manager.files(session_id, owner)

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from kernelbox_server.sandbox.errors import (
     KernelStartError,
+    PauseFailed,
     PoolExhausted,
     SessionBusy,
     SessionClosed,
@@ -44,6 +45,7 @@ ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
     SessionNotFound: (404, "not_found"),
     SessionClosed: (404, "not_found"),
     SessionBusy: (409, "session_busy"),
+    PauseFailed: (409, "pause_failed"),
     PoolExhausted: (429, "pool_exhausted"),
     KernelStartError: (503, "kernel_unavailable"),
     UnsafePath: (400, "bad_path"),

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_idle_timeout: float = Field(default=3600.0, gt=0)
     # Sessions the tool endpoint makes for a call without a session id.
     tool_session_idle_timeout: float = Field(default=300.0, gt=0)
+    # Seconds unused after which a session pauses by itself (its variables saved, its kernel
+    # stopped; the next execution resumes it). 0: only POST .../pause pauses.
+    pause_after: float = Field(default=0.0, ge=0)
 
     # executions
     default_timeout: float = Field(default=30.0, gt=0)

@@ -90,6 +90,21 @@ async def interrupt(session_id: str, application: App, owner: Owner) -> dict[str
     return {"interrupted": await application.interrupt(session_id, owner)}
 
 
+@router.post(
+    "/{session_id}/pause",
+    response_model=Session,
+    responses={
+        **ERRORS,
+        409: {"description": "The session is running code, or its variables cannot be saved"},
+    },
+)
+async def pause(session_id: str, application: App, owner: Owner) -> Session:
+    """Save the session's variables into its working directory and stop its kernel, freeing
+    its memory; the next execute resumes it in a fresh kernel with them restored, and says
+    which could not be (`not_restored`). Files are kept. Pausing a paused session is a no-op."""
+    return await application.pause(session_id, owner)
+
+
 @router.post("/{session_id}/restart", response_model=Session, responses=ERRORS)
 async def restart(session_id: str, application: App, owner: Owner) -> Session:
     """A fresh kernel in the same working directory: variables are lost, files kept."""
