@@ -125,6 +125,22 @@ function report(error) {
 const ANSI = /\x1b\[[0-9;?]*[A-Za-z]/g;
 const BASE64 = /^[A-Za-z0-9+/=\s]+$/;
 
+// Code as it was run, highlighted like the editor (Ace's static highlighter, no editor).
+function codeBlock(code) {
+  const block = element("pre", "code", code);
+  try {
+    ace.require("ace/ext/static_highlight")(block, {
+      mode: "ace/mode/python",
+      theme: "ace/theme/github_light_default",
+      showGutter: false,
+      trim: false,
+    });
+  } catch (error) {
+    console.warn("no highlighting", error); // the plain text stays
+  }
+  return block;
+}
+
 function element(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -258,7 +274,7 @@ async function refreshSessions() {
   const select = $("session");
   select.replaceChildren(new Option("a new one on the first run", ""));
   for (const s of sessions) {
-    select.append(new Option(`${s.id} · ${s.execution_count} runs · ${s.status}`, s.id));
+    select.append(new Option(`${s.id} · ${s.status} · runs: ${s.execution_count}`, s.id));
   }
   const wanted = state.session || sessionStorage.getItem(SESSION_STORE) || "";
   useSession(sessions.some((s) => s.id === wanted) ? wanted : "");
@@ -304,7 +320,7 @@ async function run() {
   setRunning(controller);
   notify("");
   const cell = element("article", "cell running");
-  cell.append(element("pre", "code", code));
+  cell.append(codeBlock(code));
   const outputs = element("div", "outputs");
   cell.append(outputs);
   $("cells").append(cell);
@@ -344,7 +360,12 @@ async function run() {
 
 async function interrupt() {
   if (!state.session) return;
-  await call(sessionPath("/interrupt"), { method: "POST" });
+  // Pressed just after Run, the code may not have reached the kernel yet: try for a while.
+  for (let tries = 0; tries < 20 && state.running; tries++) {
+    const { interrupted } = await (await call(sessionPath("/interrupt"), { method: "POST" })).json();
+    if (interrupted) return;
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
 }
 
 async function restart() {
@@ -457,7 +478,7 @@ function loadTranscript(text) {
     const card = element("article", "cell replay-step");
     card.append(element("h3", "", `Step ${i + 1}`));
     if (step.request) card.append(element("p", "prose request", step.request));
-    if (step.code) card.append(element("pre", "code", step.code));
+    if (step.code) card.append(codeBlock(step.code));
     const outputs = element("div", "outputs");
     card.append(outputs);
     if (step.error) outputs.append(element("pre", "stream error", step.error));
