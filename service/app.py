@@ -125,7 +125,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.application = application = Application(settings, manager, forkserver, metrics)
         manager.start()
         log.info(
-            "kernelbox ready: %s backend, %d warm kernels wanted", backend.name, settings.min_idle
+            "kernelbox ready: %s backend, %d warm kernels wanted; open %s/ to try it",
+            backend.name,
+            settings.min_idle,
+            (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/"),
         )
         try:
             # MCP's session manager runs as long as the service (service/mcp.py).
