@@ -318,3 +318,8 @@ def test_with_a_key_the_page_asks_for_it_and_keeps_it_in_the_tab(keyed_server, b
     assert stored == [KEY, "{}"]
     assert "6" in run_cell(browser, "print(1 + 5)").text
     assert browser.get_cookies() == []
+    with httpx.Client(base_url=keyed_server.url) as http:
+        assert http.get("/").status_code == 200  # the page is public; what it calls is not
+        assert http.get("/playground/config.json").json()["auth"] is True
+        refused = http.post("/v1/render", json={"execution": {"status": "ok"}})
+        assert refused.status_code == 401
