@@ -9,7 +9,10 @@ saved under the test's tmp dir, as the docs UI test does.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import httpx
@@ -21,8 +24,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from kernelbox.agent.events import AgentResult, Step
-from kernelbox_wire.models import Execution
+from tests.scripted_llm import scripted_model
 from tests.server import running_server
 
 KEY = "playground-key"
@@ -256,22 +258,33 @@ def test_an_uploaded_file_shows_in_the_list(server, browser, tmp_path):
     assert "1,2" in run_cell(browser, "print(open('numbers.csv').read())").text
 
 
-def test_an_agent_transcript_is_replayed_step_by_step(server, browser):
-    with httpx.Client(base_url=server.url, timeout=WAIT) as http:
-        run = http.post("/v1/execute", json={"code": "print(2 ** 10)"}).json()
-    result = AgentResult(
-        question="What is 2 to the 10th?",
-        answer="2 to the 10th is **1024**.",
-        transcript="<tool_call>...</tool_call>",
-        steps=[Step(code="print(2 ** 10)", execution=Execution.model_validate(run))],
-        tool_calls=1,
-    )
+def agent_json(server, tmp_path) -> str:
+    """What `kernelbox agent --json` prints for a run that computes and plots (the model is
+    the scripted stand-in; everything else is real)."""
+    code = "print(2 ** 10)\nplt.plot([1, 2, 4]); plt.show()"
+    script = [f"I will compute it.\n```python\n{code}\n```", "2 to the 10th is **1024**."]
+    with scripted_model(script) as model:
+        command = [sys.executable, "-m", "kernelbox.cli", "agent", "What is 2 to the 10th?"]
+        command += ["--base-url", model.url, "--model", "m", "--dialect", "tir", "--json"]
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,  # whatever the command saves stays in the test's directory
+            env={**os.environ, "KERNELBOX_URL": server.url, "NO_COLOR": "1"},
+        )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_an_agent_transcript_is_replayed_step_by_step(server, browser, tmp_path):
+    printed = agent_json(server, tmp_path)
     open_page(browser, server.url)
     browser.find_element(By.ID, "tab-replay").click()
-    browser.execute_script(
-        "document.getElementById('transcript-text').value = arguments[0]",
-        result.model_dump_json(indent=2),
-    )
+    transcript = tmp_path / "agent.json"
+    transcript.write_text(printed)
+    browser.find_element(By.ID, "transcript-file").send_keys(str(transcript))
     browser.find_element(By.ID, "load-transcript").click()
     position = browser.find_element(By.ID, "replay-position")
     wait(browser).until(lambda _: position.text == "1 of 3")
@@ -283,20 +296,27 @@ def test_an_agent_transcript_is_replayed_step_by_step(server, browser):
     step = browser.find_element(By.CSS_SELECTOR, "#replay-steps .replay-step")
     assert "print(2 ** 10)" in step.find_element(By.CSS_SELECTOR, "pre.code").text
     assert step.find_element(By.CSS_SELECTOR, "pre.stdout").text == "1024"
+    image = step.find_element(By.CSS_SELECTOR, "img.figure")
+    assert browser.execute_script("return arguments[0].naturalWidth", image) > 100
     browser.find_element(By.ID, "replay-next").click()
     assert "2 to the 10th is **1024**." in steps.text
     assert not browser.find_element(By.ID, "replay-next").is_enabled()
+    browser.save_screenshot(str(tmp_path / "playground-replay.png"))
 
-    # The events the loop streams, one a line, are taken too.
+    # The loop's events, one JSON object a line (the last the final result), are taken too.
+    result = json.loads(printed)
+    execution = result["steps"][0]["execution"]
     lines = [
-        json.dumps({"kind": "code", "code": "print(2 ** 10)", "index": 0}),
-        json.dumps({"kind": "output", "execution": run, "index": 0}),
-        json.dumps({"kind": "final", "result": result.model_dump(mode="json")}),
+        json.dumps({"kind": "code", "code": result["steps"][0]["code"], "index": 0}),
+        json.dumps({"kind": "output", "execution": execution, "index": 0}),
+        json.dumps({"kind": "final", "result": result}),
     ]
     browser.execute_script(
         "document.getElementById('transcript-text').value = arguments[0]", "\n".join(lines)
     )
+    browser.find_element(By.ID, "transcript-file").clear()
     browser.find_element(By.ID, "load-transcript").click()
+    wait(browser).until(lambda _: position.text == "1 of 3")
     browser.find_element(By.ID, "replay-all").click()
     assert position.text == "3 of 3"
     no_notice(browser)
@@ -323,3 +343,15 @@ def test_with_a_key_the_page_asks_for_it_and_keeps_it_in_the_tab(keyed_server, b
         assert http.get("/playground/config.json").json()["auth"] is True
         refused = http.post("/v1/render", json={"execution": {"status": "ok"}})
         assert refused.status_code == 401
+
+
+def test_a_flood_of_output_is_cut_and_says_so(server, browser):
+    """600,000 characters printed: the page holds at most 200,000 of them (the kernel's own
+    cap, and the page's), and the cell says that output was left out."""
+    open_page(browser, server.url)
+    cell = run_cell(browser, "for i in range(60):\n    print(str(i % 10) * 9_999)")
+    shown = cell.find_element(By.CSS_SELECTOR, "pre.stdout")
+    length = browser.execute_script("return arguments[0].textContent.length", shown)
+    assert 100_000 < length <= 200_000
+    assert cell.get_attribute("data-status") == "ok"
+    assert "output truncated" in cell.find_element(By.CSS_SELECTOR, ".cell-footer").text

@@ -124,6 +124,7 @@ function report(error) {
 
 const ANSI = /\x1b\[[0-9;?]*[A-Za-z]/g;
 const BASE64 = /^[A-Za-z0-9+/=\s]+$/;
+const SHOWN_CHARS = 200_000; // per block of one stream
 
 // Code as it was run, highlighted like the editor (Ace's static highlighter, no editor).
 function codeBlock(code) {
@@ -162,7 +163,14 @@ class Output {
       this.last.dataset.stream = name;
       this.container.append(this.last);
     }
-    this.last.textContent += text.replace(ANSI, "");
+    // The service bounds what it sends, but megabytes of text would still stall the page.
+    const shown = this.last.textContent.length;
+    if (shown >= SHOWN_CHARS) return;
+    const clean = text.replace(ANSI, "");
+    this.last.textContent += clean.slice(0, SHOWN_CHARS - shown);
+    if (shown + clean.length > SHOWN_CHARS) {
+      this.container.append(element("p", "note", `${name}: the page shows the first ${SHOWN_CHARS.toLocaleString("en")} characters`));
+    }
   }
 
   result(result) {
