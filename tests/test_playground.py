@@ -45,16 +45,28 @@ def keyed_server():
 
 
 @pytest.fixture(scope="module")
-def browser():
+def downloads(tmp_path_factory):
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads):
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
     assert binary and driver, "apt-get install chromium chromium-driver (see .ci/run)"
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1600"):
         options.add_argument(arg)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads)})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     chrome = webdriver.Chrome(service=Service(executable_path=driver), options=options)
     yield chrome
     chrome.quit()
+
+
+def console_errors(browser) -> list[str]:
+    """The page's console errors since the last call (a CSP violation is one)."""
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
 def wait(browser, seconds: float = WAIT) -> WebDriverWait:
@@ -134,6 +146,7 @@ def test_render_gives_an_execution_in_every_format(server):
 
 def test_a_newcomer_runs_the_example_plot(server, browser, tmp_path):
     """Open the page, press Run: the example prints and plots, in a session made on the way."""
+    console_errors(browser)
     open_page(browser, server.url)
     # The editor highlights Python: `import` is a keyword token.
     assert browser.find_elements(By.CSS_SELECTOR, "#editor .ace_keyword")
@@ -157,6 +170,7 @@ def test_a_newcomer_runs_the_example_plot(server, browser, tmp_path):
     text = cell.find_element(By.CSS_SELECTOR, "pre.model-text")
     wait(browser).until(lambda _: text.text.startswith("<tool_response>"))
     assert "plotting 200 points" in text.text and "fig-001" in text.text
+    assert console_errors(browser) == []
 
 
 def test_typed_code_runs_with_shift_enter_and_state_persists(server, browser):
@@ -258,6 +272,45 @@ def test_an_uploaded_file_shows_in_the_list(server, browser, tmp_path):
     assert "1,2" in run_cell(browser, "print(open('numbers.csv').read())").text
 
 
+def test_a_file_downloads_from_the_list(server, browser, downloads):
+    open_page(browser, server.url)
+    run_cell(browser, "open('report.txt', 'w').write('made in the kernel')")
+    files = browser.find_element(By.ID, "files")
+    link = wait(browser).until(
+        lambda _: next(
+            (
+                b
+                for b in files.find_elements(By.CSS_SELECTOR, "button.link")
+                if b.text == "report.txt"
+            ),
+            None,
+        )
+    )
+    link.click()
+    saved = downloads / "report.txt"
+    wait(browser).until(lambda _: saved.exists() and saved.read_text() == "made in the kernel")
+
+
+def test_a_session_is_made_and_deleted_from_the_page(server, browser):
+    open_page(browser, server.url)
+    browser.find_element(By.ID, "new-session").click()
+    select = browser.find_element(By.ID, "session")
+    wait(browser).until(
+        lambda _: (
+            select.get_attribute("value")
+            and select.get_attribute("value")
+            == browser.execute_script("return sessionStorage.getItem('kernelbox.session')")
+        )
+    )
+    made = select.get_attribute("value")
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get(f"/v1/sessions/{made}").status_code == 200
+        browser.find_element(By.ID, "delete-session").click()
+        wait(browser).until(lambda _: select.get_attribute("value") == "")
+        assert http.get(f"/v1/sessions/{made}").status_code == 404
+    assert not browser.find_element(By.ID, "delete-session").is_enabled()
+
+
 def agent_json(server, tmp_path) -> str:
     """What `kernelbox agent --json` prints for a run that computes and plots (the model is
     the scripted stand-in; everything else is real)."""
@@ -280,6 +333,7 @@ def agent_json(server, tmp_path) -> str:
 
 def test_an_agent_transcript_is_replayed_step_by_step(server, browser, tmp_path):
     printed = agent_json(server, tmp_path)
+    console_errors(browser)
     open_page(browser, server.url)
     browser.find_element(By.ID, "tab-replay").click()
     transcript = tmp_path / "agent.json"
@@ -320,6 +374,7 @@ def test_an_agent_transcript_is_replayed_step_by_step(server, browser, tmp_path)
     browser.find_element(By.ID, "replay-all").click()
     assert position.text == "3 of 3"
     no_notice(browser)
+    assert console_errors(browser) == []
 
 
 def test_with_a_key_the_page_asks_for_it_and_keeps_it_in_the_tab(keyed_server, browser):
