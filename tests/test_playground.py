@@ -246,6 +246,20 @@ def test_output_streams_in_and_interrupt_stops_a_sleeping_cell(server, browser):
     assert "still here" in run_cell(browser, "print('still here')").text
 
 
+def test_a_cell_past_its_timeout_says_so(server, browser):
+    open_page(browser, server.url)
+    browser.find_element(By.ID, "timeout").send_keys("1")
+    try:
+        cell = run_cell(browser, "import time\ntime.sleep(30)")
+    finally:
+        browser.find_element(By.ID, "timeout").clear()
+    assert cell.get_attribute("data-status") == "timeout"
+    assert cell.find_element(By.CSS_SELECTOR, ".status").text == "timeout"
+    # What ended it is the deadline, not the KeyboardInterrupt the kernel raised for it.
+    errors = [e.text for e in cell.find_elements(By.CSS_SELECTOR, "pre.error")]
+    assert errors == ["TimeoutError: Code execution exceeded the time limit. (1 s)"]
+
+
 def test_restart_gives_a_fresh_kernel_and_keeps_the_files(server, browser):
     open_page(browser, server.url)
     run_cell(browser, "kept = 1\nopen('kept.txt', 'w').write('yes')")

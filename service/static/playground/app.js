@@ -154,6 +154,7 @@ class Output {
   constructor(container) {
     this.container = container;
     this.last = null;
+    this.errors = []; // the error blocks shown
   }
 
   stream(name, text) {
@@ -214,7 +215,19 @@ class Output {
     this.last = null;
     if (!error) return;
     const text = error.traceback?.length ? error.traceback.join("\n") : `${error.name}: ${error.value}`;
-    this.container.append(element("pre", "stream error", text.replace(ANSI, "")));
+    this.errors.push(element("pre", "stream error", text.replace(ANSI, "")));
+    this.container.append(this.errors.at(-1));
+  }
+
+  // The Execution's own error where it says more than what streamed: at a deadline the
+  // kernel's KeyboardInterrupt streams first, though the run ended because time was up.
+  settle(execution) {
+    const error = execution.error;
+    if (!error) return;
+    if (execution.status === "timeout" || execution.status === "died" || !this.errors.length) {
+      for (const shown of this.errors.splice(0)) shown.remove();
+      this.error(error);
+    }
   }
 
   // A whole Execution (a replayed one): its outputs in the order they arrived.
@@ -239,7 +252,7 @@ table{border-collapse:collapse}th,td{border:1px solid #d0d7de;padding:2px 8px;te
 thead th{background:#f6f8fa}`;
 
 // The footer of a finished run: status, notes, and its model-ready text in any format.
-function footer(container, execution, errorShown) {
+function footer(container, execution) {
   const foot = element("div", "cell-footer");
   const status = element("span", `status status-${execution.status}`, execution.status);
   const ms = Math.round(execution.duration_ms ?? 0);
@@ -247,7 +260,6 @@ function footer(container, execution, errorShown) {
   if (execution.kernel_restarted) foot.append(element("span", "warning", " · kernel restarted: state lost"));
   if (execution.truncated) foot.append(element("span", "warning", " · output truncated"));
   container.append(foot);
-  if (!errorShown && execution.status !== "ok" && execution.error) new Output(container).error(execution.error);
   for (const note of execution.notes ?? []) container.append(element("p", "note", note));
   container.append(renderings(execution));
 }
@@ -334,7 +346,6 @@ async function run() {
   $("cells").append(cell);
   cell.scrollIntoView({ block: "nearest" });
   const out = new Output(outputs);
-  let errorShown = false;
   try {
     if (!state.session) await newSession();
     const timeout = Number($("timeout").value) || undefined;
@@ -346,13 +357,12 @@ async function run() {
     for await (const { event, data } of events(answer)) {
       if (event === "stdout" || event === "stderr") out.stream(event, data.text);
       else if (event === "result") out.result(data);
-      else if (event === "error") {
-        out.error(data);
-        errorShown = true;
-      } else if (event === "end") {
+      else if (event === "error") out.error(data);
+      else if (event === "end") {
         cell.dataset.status = data.status;
         cell.prepend(element("span", "prompt", `[${data.execution_count ?? " "}]`));
-        footer(cell, data, errorShown);
+        out.settle(data);
+        footer(cell, data);
       } else if (event === "fail") throw new ApiError(0, data.error.code, data.error.message);
     }
   } catch (error) {
@@ -492,7 +502,7 @@ function loadTranscript(text) {
     if (step.error) outputs.append(element("pre", "stream error", step.error));
     if (step.execution) {
       new Output(outputs).execution(step.execution);
-      footer(card, step.execution, true);
+      footer(card, step.execution);
     }
     cards.push(card);
   });
