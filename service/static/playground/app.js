@@ -17,7 +17,7 @@ plt.show()
 `;
 
 const $ = (id) => document.getElementById(id);
-const state = { config: null, session: "", running: null, editor: null };
+const state = { config: null, session: "", running: false, editor: null };
 
 // -- HTTP ---------------------------------------------------------------------------------
 
@@ -34,7 +34,7 @@ const url = (path) => new URL(path, document.baseURI);
 const sessionPath = (rest = "") => `v1/sessions/${encodeURIComponent(state.session)}${rest}`;
 const filePath = (path) => sessionPath(`/files/${path.split("/").map(encodeURIComponent).join("/")}`);
 
-async function call(path, { method = "GET", json, body, headers = {}, signal } = {}) {
+async function call(path, { method = "GET", json, body, headers = {} } = {}) {
   const sent = new Headers(headers);
   if (json !== undefined) {
     sent.set("Content-Type", "application/json");
@@ -44,7 +44,7 @@ async function call(path, { method = "GET", json, body, headers = {}, signal } =
     const key = sessionStorage.getItem(KEY_STORE);
     if (key) sent.set("Authorization", `Bearer ${key}`);
     else sent.delete("Authorization");
-    const answer = await fetch(url(path), { method, headers: sent, body, signal });
+    const answer = await fetch(url(path), { method, headers: sent, body });
     if (answer.status === 401 && state.config?.auth) {
       await askForKey(key ? "The service refused that key." : "");
       continue; // the body is a string or a File: it can be sent again
@@ -115,7 +115,6 @@ function notify(message) {
 }
 
 function report(error) {
-  if (error.name === "AbortError") return;
   console.error(error);
   notify(error instanceof ApiError ? `${error.message} (${error.code})` : String(error));
 }
@@ -282,7 +281,7 @@ function renderings(execution) {
     }
   };
   choose.addEventListener("change", show);
-  box.addEventListener("toggle", () => box.open && !text.textContent && show(), { once: false });
+  box.addEventListener("toggle", () => box.open && !text.textContent && show());
   box.append(choose, text);
   return box;
 }
@@ -326,18 +325,17 @@ async function deleteSession() {
 
 // -- running code -------------------------------------------------------------------------
 
-function setRunning(controller) {
-  state.running = controller;
-  $("run").disabled = !!controller;
-  $("interrupt").disabled = !controller;
-  $("run-state").textContent = controller ? "running…" : "";
+function setRunning(running) {
+  state.running = running;
+  $("run").disabled = running;
+  $("interrupt").disabled = !running;
+  $("run-state").textContent = running ? "running…" : "";
 }
 
 async function run() {
   if (state.running) return;
   const code = state.editor.getValue();
-  const controller = new AbortController();
-  setRunning(controller);
+  setRunning(true);
   notify("");
   const cell = element("article", "cell running");
   cell.append(codeBlock(code));
@@ -352,7 +350,6 @@ async function run() {
     const answer = await call(sessionPath("/execute"), {
       method: "POST",
       json: { code, timeout, stream: true },
-      signal: controller.signal,
     });
     for await (const { event, data } of events(answer)) {
       if (event === "stdout" || event === "stderr") out.stream(event, data.text);
@@ -370,7 +367,7 @@ async function run() {
     report(error);
   } finally {
     cell.classList.remove("running");
-    setRunning(null);
+    setRunning(false);
     refreshFiles().catch(report);
     refreshSessions().catch(report);
   }
