@@ -391,9 +391,10 @@ def test_an_agent_transcript_is_replayed_step_by_step(server, browser, tmp_path)
     assert console_errors(browser) == []
 
 
-def test_with_a_key_the_page_asks_for_it_and_keeps_it_in_the_tab(keyed_server, browser):
+def test_with_a_key_the_page_asks_for_it_and_keeps_it_in_the_tab(keyed_server, browser, tmp_path):
     browser.get(f"{keyed_server.url}/")
     dialog = wait(browser).until(ec.visibility_of_element_located((By.ID, "key-dialog")))
+    browser.save_screenshot(str(tmp_path / "playground-key.png"))
     field = browser.find_element(By.ID, "api-key")
     field.send_keys("wrong-key", Keys.ENTER)
     error = browser.find_element(By.ID, "key-error")
