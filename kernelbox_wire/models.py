@@ -187,6 +187,24 @@ class ToolCallResponse(_Model):
     execution: Execution | None = None
 
 
+class RenderRequest(_Model):
+    model_config = ConfigDict(extra="forbid")
+
+    execution: Execution = Field(description="An Execution, as an execute call returned it.")
+    format: Format | None = Field(
+        default=None,
+        description="As `format` of an execute call: a style, an envelope, or RenderOptions.",
+        examples=["tool_response"],
+    )
+
+
+class RenderResponse(_Model):
+    text: str = Field(description="The model-ready text, in its envelope.")
+    message: dict[str, Any] | str = Field(
+        description="The whole tool message (a chat message for `openai`/`function`)."
+    )
+
+
 class FileEntry(_Model):
     path: str
     size: int

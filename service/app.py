@@ -20,12 +20,12 @@ from kernelbox_server.sandbox.pool import KernelPool
 from kernelbox_server.sandbox.session import SessionOptions
 from kernelbox_server.sandbox.workdirs import Workdirs
 
-from . import docs, errors
+from . import docs, errors, playground
 from .application import Application
 from .body_limit import BodyLimitMiddleware, limit_by_route
 from .mcp import McpEndpoint
 from .metrics import Metrics
-from .routes import execute, files, health, sandboxfusion, sessions, tools
+from .routes import execute, files, health, render, sandboxfusion, sessions, tools
 from .settings import Settings
 
 log = logging.getLogger("kernelbox")
@@ -126,7 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.application = application = Application(settings, manager, forkserver, metrics)
         manager.start()
         log.info(
-            "kernelbox ready: %s backend, %d warm kernels wanted", backend.name, settings.min_idle
+            "kernelbox ready: %s backend, %d warm kernels wanted; open %s/ to try it",
+            backend.name,
+            settings.min_idle,
+            (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/"),
         )
         try:
             # MCP's session manager runs as long as the service (service/mcp.py).
@@ -163,11 +166,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     docs.install(app)
+    playground.install(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
     app.include_router(files.router)
     app.include_router(execute.router)
     app.include_router(tools.router)
+    app.include_router(render.router)
     app.include_router(sandboxfusion.router)
     app.router.routes.append(mcp.route())
     return app

@@ -448,6 +448,7 @@ async def test_openapi_documents_every_route(client):
         "/v1/execute",
         "/v1/tools",
         "/v1/tools/code_interpreter",
+        "/v1/render",
         "/healthz",
         "/readyz",
     ):
