@@ -26,6 +26,7 @@ from kernelbox.agent import (
     TextEvent,
     get_dialect,
 )
+from kernelbox.agent.dialects import CODER_SYSTEM
 from tests.scripted_llm import scripted_model
 from tests.server import running_server
 
@@ -256,6 +257,19 @@ async def test_delegate_two_models(session):
     )
     assert result.steps[0].request == "Print 6 times 7." and result.steps[0].code == "print(6 * 7)"
     assert result.answer == "So it is 42."
+
+
+async def test_the_coder_prompt_promises_only_what_the_kernels_have(session):
+    # The local backend's kernels (the service's own interpreter) have the data stack it
+    # declares; a package the prompt names must import there.
+    named = [
+        name
+        for name in ("numpy", "pandas", "matplotlib", "scipy", "sympy", "seaborn", "sklearn")
+        if name in CODER_SYSTEM
+    ]
+    assert named, CODER_SYSTEM
+    imported = await session.execute("\n".join(f"import {name}" for name in named))
+    assert imported.status == "ok", (named, imported.error)
 
 
 # -- streaming events and the CLI ------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,22 @@ def test_service_errors_exit_2_and_name_the_url(server):
 def test_usage_errors_exit_2(server):
     assert kernelbox_exec(server).returncode == 2  # no code
     assert kernelbox_exec(server, "--format", "nope", "1").returncode == 2
+
+
+@pytest.mark.parametrize("backend", ["local", "docker"])
+def test_make_serve_honours_kernelbox_backend(backend):
+    # A dry run (-n) of the recipe, the venv taken as built (-o): the command it would start.
+    env = {**os.environ, "KERNELBOX_BACKEND": backend}
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "serve"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"kernelbox serve --backend {backend}\n" in done.stdout
+    # ... and says where the command is, which is not on PATH.
+    assert "the kernelbox command is .venv/bin/kernelbox" in done.stdout

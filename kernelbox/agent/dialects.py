@@ -318,10 +318,14 @@ COMPUTE_TOOL: dict[str, Any] = {
     },
 }
 
+# What every backend's kernels have: the local backend runs kernels with the service's own
+# interpreter, whose data stack is numpy, pandas and matplotlib (the Docker image has more).
+CODER_PACKAGES = ("numpy", "pandas", "matplotlib")
 CODER_SYSTEM = (
     "You write one self-contained Python 3 program that performs exactly the requested "
-    "computation and prints the results with labels. numpy, pandas, sympy and scipy are "
-    "available. Answer with one ```python code block and nothing else."
+    "computation and prints the results with labels. Besides the standard library, only "
+    f"{', '.join(CODER_PACKAGES[:-1])} and {CODER_PACKAGES[-1]} are available. Answer with "
+    "one ```python code block and nothing else."
 )
 
 
