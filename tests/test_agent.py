@@ -371,6 +371,31 @@ def test_cli_shows_the_loop_and_json_mode(service, tmp_path):
     assert payload["steps"][0]["execution"]["stdout"] == "42\n"
 
 
+def test_cli_without_rich_shows_the_call_once_too(service, tmp_path):
+    # rich is an optional extra: without it the display is plain text, with the same content.
+    env = {**os.environ, "KERNELBOX_URL": service.url}
+    no_rich = (
+        "import sys; sys.modules['rich'] = None\nfrom kernelbox.cli import main; sys.exit(main())"
+    )
+    plot = "plt.plot([1, 2]); plt.show(); print(6 * 7)"
+    with scripted_model(["<think>\nPlot.\n" + hermes_call(plot), "</think>\n**42**"]) as model:
+        shown = subprocess.run(
+            [sys.executable, "-c", no_rich, "agent", QUESTION, "--base-url", model.url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+        )
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "<tool_call>" not in out and out.count("plt.plot([1, 2])") == 1, out
+    assert "--- code #1 ---" in out and "\x1b[" not in out  # no escapes into a pipe
+    assert "image saved: kernelbox-output/fig-001.png" in out
+    assert (tmp_path / "kernelbox-output" / "fig-001.png").exists()
+    assert "**42**" in out  # Markdown stays as written without rich
+
+
 def test_cli_renders_the_answer_as_markdown(service, tmp_path):
     answer = "<think>\nEasy.\n</think>\n\n## Result\n\nThe answer is **42**:\n\n- six\n- seven\n"
     with scripted_model([answer]) as model:
