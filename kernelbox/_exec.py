@@ -126,8 +126,7 @@ def _run(session: Session, code: str, args: argparse.Namespace) -> int:
 
 
 class _Shown:
-    """Writes the events of a stream as they come; the spinner pauses while text is written
-    and resumes when the cursor is back at the start of a line."""
+    """Writes the events of a stream as they come, above the spinner."""
 
     def __init__(self, spinner: term.Spinner) -> None:
         self.spinner = spinner
@@ -155,15 +154,7 @@ class _Shown:
             self._write(sys.stderr, _error_text(self.interrupted))  # the code's own
 
     def _write(self, stream: Any, text: str) -> None:
-        self.spinner.pause()
-        _write(stream, text)
-        if text.endswith("\n"):
-            self.spinner.resume()
-
-
-def _write(stream: Any, text: str) -> None:
-    stream.write(text)
-    stream.flush()
+        self.spinner.write(stream, text)
 
 
 def _result_text(result: Result) -> str | None:

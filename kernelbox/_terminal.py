@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,11 +77,22 @@ def console(file: Any = None) -> Any:
 
 class Spinner:
     """A live `⠋ running 0:00:03` line while code runs, on a terminal only (never in a pipe or
-    a file, where it would be noise). It can be paused while output is written and resumed
-    once the cursor is back at the start of a line; the elapsed time runs on."""
+    a file, where it would be noise). Output is written above it with `write`: the spinner
+    hides for it, and comes back once output has paused (`QUIET` s) with the cursor at the
+    start of a line, so a flood of output costs no redraw per line. The elapsed time runs on.
+    """
+
+    QUIET = 0.3
 
     def __init__(self, console: Any, label: str) -> None:
-        self._progress = None
+        self._progress: Any = None
+        self._lock = threading.Lock()
+        self._shown = False
+        self._running = False
+        self._last_output = 0.0
+        self._at_line_start = True
+        self._watcher: threading.Thread | None = None
+        self._stopped = threading.Event()
         if console is None or not console.is_terminal or not sys.stdout.isatty():
             return
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -90,27 +103,59 @@ class Spinner:
             TimeElapsedColumn(),
             console=console,
             transient=True,
-            redirect_stdout=False,
-            redirect_stderr=False,
         )
         self._progress.add_task(label, total=None)
 
-    @property
-    def active(self) -> bool:
-        return self._progress is not None
+    def start(self) -> None:
+        if self._progress is None:
+            return
+        with self._lock:
+            self._running = True
+            self._show()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
 
-    def resume(self) -> None:
-        if self._progress is not None:
-            self._progress.start()
+    def stop(self) -> None:
+        if self._progress is None:
+            return
+        with self._lock:
+            self._running = False
+            self._hide()
+        self._stopped.set()
+        if self._watcher is not None:
+            self._watcher.join()
 
-    def pause(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+    def write(self, stream: Any, text: str) -> None:
+        """Write output (the spinner out of its way)."""
+        with self._lock:
+            self._hide()
+            stream.write(text)
+            stream.flush()
+            if text:
+                self._at_line_start = text.endswith("\n")
+            self._last_output = time.monotonic()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Spinner]:
-        self.resume()
+        self.start()
         try:
             yield self
         finally:
-            self.pause()
+            self.stop()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(0.1):
+            with self._lock:
+                quiet = time.monotonic() - self._last_output >= self.QUIET
+                if self._running and quiet and self._at_line_start:
+                    self._show()
+
+    def _show(self) -> None:
+        if not self._shown:
+            self._progress.start()
+            self._shown = True
+
+    def _hide(self) -> None:
+        if self._shown:
+            self._progress.stop()
+            self._shown = False

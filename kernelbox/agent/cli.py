@@ -199,6 +199,7 @@ class Display:
         self.answer = ""  # Markdown being streamed
         self.live: Any = None
         self.at_line_start = True
+        self.spinner: term.Spinner | None = None
 
     def show(self, event: AgentEvent, saved: list[Path] | None = None) -> None:
         if isinstance(event, TextEvent) and event.call:
@@ -221,7 +222,7 @@ class Display:
         elif isinstance(event, CodeEvent):
             self._block(f"code #{event.index}", event.code, "python")
             self.spinner = term.Spinner(self.console, f"running code #{event.index}")
-            self.spinner.resume()
+            self.spinner.start()
         elif isinstance(event, OutputEvent):
             self._stop_spinner()
             ex = event.execution
@@ -306,11 +307,9 @@ class Display:
 
     # -- blocks ------------------------------------------------------------------------------
 
-    spinner: term.Spinner | None = None
-
     def _stop_spinner(self) -> None:
         if self.spinner is not None:
-            self.spinner.pause()
+            self.spinner.stop()
             self.spinner = None
 
     def _block(self, title: str, body: str, language: str | None) -> None:
