@@ -371,6 +371,26 @@ def test_cli_shows_the_loop_and_json_mode(service, tmp_path):
     assert payload["steps"][0]["execution"]["stdout"] == "42\n"
 
 
+def test_the_display_shows_held_call_text_that_was_no_call(capsys):
+    # A ```python block the model ends its answer with is no call: shown as written. A call
+    # that cannot run is shown raw with the reason; one that runs only as its CodeEvent.
+    from kernelbox.agent.cli import Display
+    from kernelbox.agent.events import AgentResult, ToolErrorEvent
+
+    display = Display()
+    display.show(TextEvent(text="```python\nkept_code()\n```", call=True))
+    display.show(FinalEvent(result=AgentResult(question="q", answer="", transcript="")))
+    display.show(TextEvent(text='<tool_call>\n{"name": "oops"}', call=True))
+    display.show(ToolErrorEvent(message="unknown tool 'oops'"))
+    display.show(TextEvent(text="<tool_call>\nHIDDEN", call=True))
+    display.show(CodeEvent(code="shown_once()", index=1))
+    display.close()
+    out = capsys.readouterr().out
+    assert "kept_code()" in out
+    assert '{"name": "oops"}' in out and "tool call not run: unknown tool 'oops'" in out
+    assert "HIDDEN" not in out and out.count("shown_once()") == 1
+
+
 def test_cli_without_rich_shows_the_call_once_too(service, tmp_path):
     # rich is an optional extra: without it the display is plain text, with the same content.
     env = {**os.environ, "KERNELBOX_URL": service.url}

@@ -195,7 +195,7 @@ class Display:
     def __init__(self) -> None:
         self.console = term.console()
         self.is_tty = sys.stdout.isatty()
-        self.held: list[str] = []  # text of a tool call, until the call is run or not
+        self.held: list[TextEvent] = []  # text of a tool call, until the call is run or not
         self.answer = ""  # Markdown being streamed
         self.live: Any = None
         self.at_line_start = True
@@ -203,12 +203,12 @@ class Display:
 
     def show(self, event: AgentEvent, saved: list[Path] | None = None) -> None:
         if isinstance(event, TextEvent) and event.call:
-            self.held.append(event.text)
+            self.held.append(event)
             return
         if isinstance(event, CodeEvent | ToolErrorEvent) or (
             isinstance(event, TextEvent) and event.role == "request"
         ):
-            raw = "".join(self.held)
+            raw = "".join(e.text for e in self.held)
             self.held.clear()
             if isinstance(event, ToolErrorEvent) and raw:
                 self._flush_answer()
@@ -251,10 +251,9 @@ class Display:
 
     def _release_held(self) -> None:
         """The held text was no call (generation went on): show it as the model wrote it."""
-        if self.held:
-            text = "".join(self.held)
-            self.held.clear()
-            self._text(TextEvent(text=text))
+        held, self.held = self.held, []
+        for event in held:
+            self._text(event)
 
     def _text(self, event: TextEvent) -> None:
         if self.console is not None and event.role == "model" and not event.thinking:
