@@ -363,9 +363,12 @@ def test_cli_shows_the_loop_and_json_mode(service, tmp_path):
     # The call is shown once, as code: not its raw JSON too.
     assert "<tool_call>" not in out and '"code_interpreter"' not in out
     assert out.count("plt.plot([1, 2])") == 1
-    with scripted_model(["```python\nprint(6 * 7)\n```", "\\boxed{42}"]) as model:
+    tir = "```python\n" + plot + "\n```"
+    with scripted_model([tir, "\\boxed{42}"]) as model:
         as_json = _cli(service, model.url, "--dialect", "tir", "--json", cwd=tmp_path)
     assert as_json.returncode == 0, as_json.stderr
+    # Saved as well, told on stderr (an earlier run's file is never overwritten).
+    assert as_json.stderr == "image saved: kernelbox-output/fig-001-1.png\n"
     payload = json.loads(as_json.stdout)
     assert payload["answer"] == "\\boxed{42}"
     assert payload["steps"][0]["execution"]["stdout"] == "42\n"
