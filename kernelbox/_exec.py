@@ -57,7 +57,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--timeout",
         type=float,
-        help="deadline in seconds (default: the service's, DEFAULT_TIMEOUT, 30 s unless set)",
+        help="deadline in seconds (default: the service's DEFAULT_TIMEOUT, 30 s unless configured)",
     )
     parser.add_argument("--url", help=f"the service (default: $KERNELBOX_URL, else {DEFAULT_URL})")
     parser.add_argument(
