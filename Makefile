@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 IMAGE  ?= kernelbox-kernel:latest
+# Where `make serve` runs kernels: local (bubblewrap) or docker; from the environment too.
+KERNELBOX_BACKEND ?= local
 
 .PHONY: serve test lint image bench clean
 
@@ -20,13 +22,14 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 # The local backend sandboxes kernels with bubblewrap: installed here when missing and root,
 # else said (the service then starts without the sandbox, and says so too).
 serve: $(VENV)/.installed
-	@command -v bwrap >/dev/null || { \
+	@[ "$(KERNELBOX_BACKEND)" != local ] || command -v bwrap >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; } || true; \
 		else \
 			echo "bubblewrap is not installed: kernels will NOT be sandboxed (sudo apt-get install bubblewrap)"; \
 		fi; }
-	$(VENV)/bin/kernelbox serve --backend local
+	@echo "the kernelbox command is $(VENV)/bin/kernelbox (or: . $(VENV)/bin/activate)"
+	$(VENV)/bin/kernelbox serve --backend $(KERNELBOX_BACKEND)
 
 # Docker tests run when an engine is reachable (the kernel and service images are built first; a
 # rebuild with nothing changed takes seconds). KERNELBOX_REQUIRE_DOCKER=1 turns a missing engine

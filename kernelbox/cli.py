@@ -41,13 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="run the service (every flag also from KERNELBOX_* environment variables)"
     )
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--backend", choices=["local", "docker"], help="where kernels run")
+    serve.add_argument("--host", help="address to bind (default: $KERNELBOX_HOST, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: $KERNELBOX_PORT, else 8000)")
+    serve.add_argument(
+        "--backend",
+        choices=["local", "docker"],
+        help="where kernels run (default: $KERNELBOX_BACKEND, else local)",
+    )
     serve.add_argument(
         "--api-key",
         help="require this key (comma-separate several). Every user of the machine can read "
-        "it in the process list: prefer KERNELBOX_API_KEY or KERNELBOX_API_KEY_FILE",
+        "it in the process list: prefer KERNELBOX_API_KEY or KERNELBOX_API_KEY_FILE "
+        "(default: those, else no key)",
     )
     serve.set_defaults(func=_serve)
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from kernelbox_wire.models import Envelope, Execution, Format, RenderOptions, Style, render_options
 from kernelbox_wire.render import render_message
+
+# The HTTP API's `format` field: a style, an envelope, or RenderOptions (also as a plain dict,
+# as it arrives in JSON). Validated here the same way, so both take the same values.
+_FORMAT: TypeAdapter[Format] = TypeAdapter(Format)
 
 
 def render(
     execution: Execution,
-    format: Format | None = None,
+    format: Format | dict[str, Any] | None = None,
     *,
     style: Style | None = None,
     envelope: Envelope | None = None,
@@ -21,7 +27,8 @@ def render(
 ) -> str | dict[str, Any]:
     """The model-ready rendering of `execution`, without a round trip to the service.
 
-    `format` is what the HTTP API takes (a style, an envelope, or `RenderOptions`); the
+    `format` is what the HTTP API takes (a style, an envelope, or `RenderOptions` or its
+    dict, e.g. `{"style": "plain", "envelope": "output_block"}`); the
     keywords override parts of it. An envelope named alone gets its natural style, as in the
     API. Text envelopes give a `str`; `openai` and `function` give the message dict.
 
@@ -30,7 +37,8 @@ def render(
         render(execution, envelope="tool_response")        # <tool_response>...</tool_response>
         render(execution, "openai", tool_call_id=call.id)  # {"role": "tool", ...}
     """
-    options = render_options(format if format is not None else envelope)
+    fmt = format if format is not None else envelope
+    options = render_options(_FORMAT.validate_python(fmt) if fmt is not None else None)
     overrides = {
         "style": style,
         "envelope": envelope,

@@ -26,8 +26,9 @@ from kernelbox.agent import (
     TextEvent,
     get_dialect,
 )
+from kernelbox.agent.dialects import CODER_SYSTEM
 from tests.scripted_llm import scripted_model
-from tests.server import running_server
+from tests.server import free_port, running_server, serving
 
 QUESTION = "What is 6 * 7?"
 
@@ -258,6 +259,19 @@ async def test_delegate_two_models(session):
     assert result.answer == "So it is 42."
 
 
+async def test_the_coder_prompt_promises_only_what_the_kernels_have(session):
+    # The local backend's kernels (the service's own interpreter) have the data stack it
+    # declares; a package the prompt names must import there.
+    named = [
+        name
+        for name in ("numpy", "pandas", "matplotlib", "scipy", "sympy", "seaborn", "sklearn")
+        if name in CODER_SYSTEM
+    ]
+    assert named, CODER_SYSTEM
+    imported = await session.execute("\n".join(f"import {name}" for name in named))
+    assert imported.status == "ok", (named, imported.error)
+
+
 # -- streaming events and the CLI ------------------------------------------------------------
 
 
@@ -278,8 +292,40 @@ async def test_events_stream_thinking_code_output_final(session):
     assert isinstance(events[-1], FinalEvent) and events[-1].result.answer == "42"
 
 
-def _cli(service, model, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KERNELBOX_URL": service.url, "NO_COLOR": "1"}
+async def test_text_events_split_exactly_at_think_tags_and_tool_calls(session):
+    # Streamed in 7-character chunks, the tags fall across chunks: each event must still be
+    # wholly thinking or not, wholly call or not, so the display never breaks mid-tag.
+    thinking = "<think>\nI will compute it.\n"
+    call = hermes_call("print(6 * 7)").removesuffix("</tool_call>")
+    answer = "The answer is 42."
+    with scripted_model([thinking + call + "</tool_call>", "</think>\n\n" + answer]) as model:
+        agent = Agent(ModelConfig(base_url=model.url, model="m"), session, AgentConfig())
+        events = [e async for e in agent.stream(QUESTION) if isinstance(e, TextEvent)]
+        await agent.model.aclose()
+    text = "".join(e.text for e in events)
+    assert text == thinking + call + "</think>\n\n" + answer
+    assert "".join(e.text for e in events if e.thinking) == thinking + call + "</think>"
+    assert "".join(e.text for e in events if e.call) == call
+    assert "".join(e.text for e in events if not e.thinking) == "\n\n" + answer
+
+
+def test_the_splitter_holds_back_a_marker_cut_anywhere():
+    from kernelbox.agent.loop import _TextSplitter
+
+    text = "a <b> <think>deep</think> c\nAction: code_interpreter\nAction Input: {}"
+    for size in range(1, 12):
+        splitter = _TextSplitter("", ("Action:",))
+        events = []
+        for i in range(0, len(text), size):
+            events += splitter.feed(text[i : i + size])
+        events += splitter.flush()
+        assert "".join(e.text for e in events) == text
+        assert "".join(e.text for e in events if e.thinking) == "<think>deep</think>"
+        assert "".join(e.text for e in events if e.call) == text[text.index("Action:") :]
+
+
+def _cli(service, model_url: str, *extra: str, cwd=None, url=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KERNELBOX_URL": url or service.url, "NO_COLOR": "1"}
     return subprocess.run(
         [
             sys.executable,
@@ -288,7 +334,7 @@ def _cli(service, model, *extra: str) -> subprocess.CompletedProcess:
             "agent",
             QUESTION,
             "--base-url",
-            model.url,
+            model_url,
             "--model",
             "m",
             *extra,
@@ -297,23 +343,119 @@ def _cli(service, model, *extra: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
         env=env,
+        cwd=cwd,
     )
 
 
-def test_cli_shows_the_loop_and_json_mode(service):
+def test_cli_shows_the_loop_and_json_mode(service, tmp_path):
     plot = "plt.plot([1, 2]); plt.show(); print(6 * 7)"
     with scripted_model(["Let me see.\n" + hermes_call(plot), "It is 42."]) as model:
-        shown = _cli(service, model, "--dialect", "hermes")
+        shown = _cli(service, model.url, "--dialect", "hermes", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     out = shown.stdout
     assert "Let me see." in out
     assert "code #1" in out and "plt.plot([1, 2])" in out
     assert "output #1" in out and "42" in out
-    assert "image saved: outputs/fig-001.png" in out
+    # Saved next to the user before the session ends (its URL dies with it).
+    assert "image saved: kernelbox-output/fig-001.png" in out
+    assert (tmp_path / "kernelbox-output" / "fig-001.png").read_bytes().startswith(b"\x89PNG")
     assert "It is 42." in out
-    with scripted_model(["```python\nprint(6 * 7)\n```", "\\boxed{42}"]) as model:
-        as_json = _cli(service, model, "--dialect", "tir", "--json")
+    # The call is shown once, as code: not its raw JSON too.
+    assert "<tool_call>" not in out and '"code_interpreter"' not in out
+    assert out.count("plt.plot([1, 2])") == 1
+    tir = "```python\n" + plot + "\n```"
+    with scripted_model([tir, "\\boxed{42}"]) as model:
+        as_json = _cli(service, model.url, "--dialect", "tir", "--json", cwd=tmp_path)
     assert as_json.returncode == 0, as_json.stderr
+    # Saved as well, told on stderr (an earlier run's file is never overwritten).
+    assert as_json.stderr == "image saved: kernelbox-output/fig-001-1.png\n"
     payload = json.loads(as_json.stdout)
     assert payload["answer"] == "\\boxed{42}"
     assert payload["steps"][0]["execution"]["stdout"] == "42\n"
+
+
+def test_the_display_shows_held_call_text_that_was_no_call(capsys):
+    # A ```python block the model ends its answer with is no call: shown as written. A call
+    # that cannot run is shown raw with the reason; one that runs only as its CodeEvent.
+    from kernelbox.agent.cli import Display
+    from kernelbox.agent.events import AgentResult, ToolErrorEvent
+
+    display = Display()
+    display.show(TextEvent(text="```python\nkept_code()\n```", call=True))
+    display.show(FinalEvent(result=AgentResult(question="q", answer="", transcript="")))
+    display.show(TextEvent(text='<tool_call>\n{"name": "oops"}', call=True))
+    display.show(ToolErrorEvent(message="unknown tool 'oops'"))
+    display.show(TextEvent(text="<tool_call>\nHIDDEN", call=True))
+    display.show(CodeEvent(code="shown_once()", index=1))
+    display.close()
+    out = capsys.readouterr().out
+    assert "kept_code()" in out
+    assert '{"name": "oops"}' in out and "tool call not run: unknown tool 'oops'" in out
+    assert "HIDDEN" not in out and out.count("shown_once()") == 1
+
+
+def test_cli_without_rich_shows_the_call_once_too(service, tmp_path):
+    # rich is an optional extra: without it the display is plain text, with the same content.
+    env = {**os.environ, "KERNELBOX_URL": service.url}
+    no_rich = (
+        "import sys; sys.modules['rich'] = None\nfrom kernelbox.cli import main; sys.exit(main())"
+    )
+    plot = "plt.plot([1, 2]); plt.show(); print(6 * 7)"
+    with scripted_model(["<think>\nPlot.\n" + hermes_call(plot), "</think>\n**42**"]) as model:
+        shown = subprocess.run(
+            [sys.executable, "-c", no_rich, "agent", QUESTION, "--base-url", model.url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+        )
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert "<tool_call>" not in out and out.count("plt.plot([1, 2])") == 1, out
+    assert "--- code #1 ---" in out and "\x1b[" not in out  # no escapes into a pipe
+    assert "image saved: kernelbox-output/fig-001.png" in out
+    assert (tmp_path / "kernelbox-output" / "fig-001.png").exists()
+    assert "**42**" in out  # Markdown stays as written without rich
+
+
+def test_cli_renders_the_answer_as_markdown(service, tmp_path):
+    answer = "<think>\nEasy.\n</think>\n\n## Result\n\nThe answer is **42**:\n\n- six\n- seven\n"
+    with scripted_model([answer]) as model:
+        shown = _cli(service, model.url, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "The answer is 42:" in shown.stdout  # ** gone: rendered by rich
+    assert "**" not in shown.stdout and "## Result" not in shown.stdout
+    assert "• six" in shown.stdout
+
+
+def _failing_model_server(status: int, body: str):
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions():
+        return PlainTextResponse(body, status_code=status)
+
+    return serving(app)
+
+
+def test_cli_model_and_service_failures_are_one_line_with_their_exit_code(service, tmp_path):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+
+    def check(done, code: int, message: str) -> None:
+        assert done.returncode == code, (message, done.stderr)
+        assert done.stderr.startswith("kernelbox agent: "), done.stderr
+        assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+    no_model = _cli(service, nowhere + "/v1", cwd=tmp_path)
+    check(no_model, 5, f"cannot reach the model server at {nowhere}/v1/completions")
+    no_service = _cli(service, nowhere + "/v1", cwd=tmp_path, url=nowhere)
+    check(no_service, 3, f"cannot connect to the kernelbox service at {nowhere}")
+    with _failing_model_server(500, "boom\nTraceback (most recent call last):\n  x") as bad:
+        check(_cli(service, bad + "/v1", cwd=tmp_path), 6, "answered 500: boom Traceback")
+    with _failing_model_server(200, "<html>not an API</html>") as html:
+        done = _cli(service, html + "/v1", cwd=tmp_path)
+        check(done, 6, "answered something that is not a completion")

@@ -272,6 +272,17 @@ def test_local_rendering_matches_the_service(client):
     assert kb.render(execution, "function")["name"] == "code_interpreter"
 
 
+def test_local_rendering_takes_a_dict_format_as_the_service_does(client):
+    # The HTTP API takes RenderOptions as a JSON object; kernelbox.render takes the same dict.
+    fmt = {"style": "plain", "envelope": "tool_response", "max_chars": 300}
+    with client.create_session() as session:
+        execution = session.execute("print('x' * 1000)", format=fmt)
+    assert execution.text.startswith("<tool_response>\nxxx")
+    assert kb.render(execution, fmt) == execution.text
+    with pytest.raises(ValueError, match="max_chars"):
+        kb.render(execution, {"max_chars": 1})  # refused as the service refuses it (422)
+
+
 # -- every method, async -----------------------------------------------------------------------
 
 

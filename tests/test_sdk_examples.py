@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 import kernelbox as kb
+from tests.scripted_llm import scripted_model as scripted_llm
 from tests.server import running_server, serving
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -101,3 +103,49 @@ def test_openai_tools_example(server, tmp_path):
     tool_message = seen[1]["messages"][-1]
     assert tool_message["role"] == "tool" and tool_message["tool_call_id"] == "call_fib"
     assert "832040" in tool_message["content"]
+
+
+def compute_call(request: str) -> str:
+    args = json.dumps({"name": "compute", "arguments": {"request": request}})
+    return f"<tool_call>\n{args}\n</tool_call>"
+
+
+@pytest.mark.parametrize("by", ["flags", "env"])
+def test_agent_delegate_example_takes_its_endpoints_from_flags_or_env(server, tmp_path, by):
+    with (
+        scripted_llm([compute_call("Print 6 times 7."), "</think>\nIt is 42."]) as reasoner,
+        scripted_llm(["```python\nprint(6 * 7)\n```"]) as coder,
+    ):
+        if by == "flags":
+            args = ["--reasoner-url", reasoner.url, "--coder-url", coder.url, "--coder-model", "c"]
+            env = {}
+        else:
+            args = []
+            env = {"REASONER_BASE_URL": reasoner.url, "CODER_BASE_URL": coder.url}
+        done = run_example("agent_delegate.py", server, tmp_path, *args, **env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ("asked: Print 6 times 7.\nwrote:\nprint(6 * 7)\n\nanswer: It is 42.\n")
+    default_coder = "Qwen/Qwen2.5-Coder-7B-Instruct"
+    assert coder.requests[0]["model"] == ("c" if by == "flags" else default_coder)
+
+
+def test_the_agent_doc_snippet_runs_as_pasted(server, tmp_path):
+    doc = (EXAMPLES.parent / "docs" / "agent.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", doc, re.DOTALL)
+    assert snippet is not None
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.group(1))
+    call = json.dumps({"name": "code_interpreter", "arguments": {"code": "print(6 * 7)"}})
+    with scripted_llm([f"I count.\n<tool_call>\n{call}\n</tool_call>", "</think>\n42"]) as model:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KERNELBOX_URL": server.url, "OPENAI_BASE_URL": model.url},
+            cwd=tmp_path,
+            timeout=180,
+        )
+    assert done.returncode == 0, done.stderr
+    assert "[running code #1]\nprint(6 * 7)" in done.stdout
+    assert done.stdout.endswith("\nanswer: 42\n")
+    assert model.prompts[1].endswith("42\n\n```\n</tool_response>\n")

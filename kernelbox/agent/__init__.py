@@ -12,7 +12,7 @@ from .events import (
     TextEvent,
     ToolErrorEvent,
 )
-from .llm import ModelClient, ModelConfig, ModelError
+from .llm import ModelClient, ModelConfig, ModelError, ModelUnreachable
 from .loop import Agent, AgentConfig, Sandbox
 from .prompts import ChatML, Plain, PromptFormat
 
@@ -29,6 +29,7 @@ __all__ = [
     "ModelClient",
     "ModelConfig",
     "ModelError",
+    "ModelUnreachable",
     "OutputEvent",
     "Plain",
     "PromptFormat",

@@ -57,6 +57,8 @@ class Dialect:
     style: str = "qwen"
     # Chat dialects call the model with native tools and role "tool" messages instead.
     native_tools: bool = False
+    # Where a tool call starts in the model's text (what follows is the call, not prose).
+    call_start: tuple[str, ...] = ()
 
     def system_prompt(self, system: str | None) -> str:
         return system or ""
@@ -93,6 +95,7 @@ class Hermes(Dialect):
 
     name = "hermes"
     stop = ("</tool_call>",)
+    call_start = ("<tool_call>",)
     tool: dict[str, Any] = CODE_INTERPRETER_TOOL
 
     def system_prompt(self, system: str | None) -> str:
@@ -165,6 +168,7 @@ class Tir(Dialect):
 
     name = "tir"
     stop = ("```output",)
+    call_start = ("```py",)  # ```python too
     style = "plain"
 
     def system_prompt(self, system: str | None) -> str:
@@ -205,6 +209,7 @@ class React(Dialect):
 
     name = "react"
     stop = ("Observation:",)
+    call_start = ("Action:",)
 
     def system_prompt(self, system: str | None) -> str:
         tools = REACT_TOOLS.format(
@@ -255,6 +260,7 @@ class QwenFn(Dialect):
 
     name = "qwen_fn"
     stop = (FN_RESULT, FN_EXIT)
+    call_start = (FN_NAME,)
 
     def system_prompt(self, system: str | None) -> str:
         fn = CODE_INTERPRETER_TOOL["function"]
@@ -318,10 +324,14 @@ COMPUTE_TOOL: dict[str, Any] = {
     },
 }
 
+# What every backend's kernels have: the local backend runs kernels with the service's own
+# interpreter, whose data stack is numpy, pandas and matplotlib (the Docker image has more).
+CODER_PACKAGES = ("numpy", "pandas", "matplotlib")
 CODER_SYSTEM = (
     "You write one self-contained Python 3 program that performs exactly the requested "
-    "computation and prints the results with labels. numpy, pandas, sympy and scipy are "
-    "available. Answer with one ```python code block and nothing else."
+    "computation and prints the results with labels. Besides the standard library, only "
+    f"{', '.join(CODER_PACKAGES[:-1])} and {CODER_PACKAGES[-1]} are available. Answer with "
+    "one ```python code block and nothing else."
 )
 
 

@@ -10,11 +10,16 @@ from kernelbox_wire.models import Execution
 
 
 class TextEvent(BaseModel):
-    """Text from the model as it arrives; `thinking` inside `<think>…</think>`."""
+    """Text from the model as it arrives, split where its kind changes: `thinking` inside
+    `<think>…</think>` (the tags included); `call` from where a tool call starts (such as
+    `<tool_call>`) to where generation stopped for it. A display may hide call text: if the
+    call runs, a CodeEvent with its code follows; if not, a ToolErrorEvent, or more text (it
+    was no call after all)."""
 
     kind: Literal["text"] = "text"
     text: str
     thinking: bool = False
+    call: bool = False
     # "model": generated text; "request": what a delegating model asked the coder for
     role: Literal["model", "request"] = "model"
 

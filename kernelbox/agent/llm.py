@@ -18,9 +18,16 @@ import httpx
 
 from .._core import SSEParser
 
+# Where a model server is looked for without OPENAI_BASE_URL: vLLM's port next to kernelbox's.
+DEFAULT_BASE_URL = "http://127.0.0.1:8001/v1"
+
 
 class ModelError(RuntimeError):
-    """The model server answered with an error, or not at all."""
+    """The model server answered with an error, or with something that is not a completion."""
+
+
+class ModelUnreachable(ModelError):
+    """The model server could not be reached, or did not answer in time."""
 
 
 @dataclass
@@ -48,7 +55,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.base_url = (
-            self.base_url or os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8001/v1")
+            self.base_url or os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL)
         ).rstrip("/")
         self.api_key = self.api_key or os.environ.get("OPENAI_API_KEY")
         self.model = self.model or os.environ.get("MODEL", "")
@@ -122,13 +129,27 @@ class ModelClient:
                     await response.aread()
                     _raise_for(response)
                 return await _collect_stream(response.aiter_lines(), chat, on_text)
+        except httpx.TransportError as exc:
+            raise ModelUnreachable(
+                f"cannot reach the model server at {url} ({type(exc).__name__}: {exc})"
+            ) from exc
         except httpx.HTTPError as exc:
-            raise ModelError(f"the model server at {url} failed: {exc!r}") from exc
+            detail = f"{type(exc).__name__}: {exc}"
+            raise ModelError(f"the model server at {url} failed ({detail})") from exc
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            # Not JSON, or JSON without choices: not an OpenAI-compatible server.
+            raise ModelError(
+                f"the model server at {url} answered something that is not a completion "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def _raise_for(response: httpx.Response) -> None:
     if response.status_code >= 400:
-        raise ModelError(f"the model server answered {response.status_code}: {response.text[:500]}")
+        detail = " ".join(response.text[:300].split())  # one line, whatever the body was
+        raise ModelError(
+            f"the model server at {response.request.url} answered {response.status_code}: {detail}"
+        )
 
 
 def _parse_choice(payload: dict, chat: bool) -> Completion:
@@ -158,10 +179,12 @@ async def _collect_stream(lines: AsyncIterator[str], chat: bool, on_text) -> Com
     out = Completion()
     calls: dict[int, dict[str, Any]] = {}
     parser = SSEParser()
+    events = 0
     async for line in lines:
         event = parser.feed(line)
         if event is None:
             continue
+        events += 1
         data = event[1]
         if data.strip() == "[DONE]":
             break
@@ -193,5 +216,7 @@ async def _collect_stream(lines: AsyncIterator[str], chat: bool, on_text) -> Com
                     maybe = on_text(piece)
                     if hasattr(maybe, "__await__"):
                         await maybe
+    if not events:
+        raise ValueError("no server-sent event in its answer")
     out.tool_calls = [calls[i] for i in sorted(calls)]
     return out

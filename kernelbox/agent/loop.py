@@ -161,10 +161,11 @@ class Agent:
     async def _generate(
         self, turn: _Turn, stop: list[str], emit: Callable[[AgentEvent], None]
     ) -> Completion:
-        tracker = _ThinkTracker(turn.assistant)
+        splitter = _TextSplitter(turn.assistant, self.dialect.call_start)
 
         def on_text(piece: str) -> None:
-            emit(TextEvent(text=piece, thinking=tracker.feed(piece)))
+            for event in splitter.feed(piece):
+                emit(event)
 
         max_tokens = min(
             self.config.max_tokens_per_call, max(self.config.token_budget - turn.tokens, 1)
@@ -189,8 +190,10 @@ class Agent:
                 max_tokens=max_tokens,
                 on_text=callback,
             )
-        if not self.config.stream and completion.text:
-            emit(TextEvent(text=completion.text, thinking=tracker.feed(completion.text)))
+        if not self.config.stream:
+            on_text(completion.text)
+        for event in splitter.flush():
+            emit(event)
         return completion
 
     async def _act(
@@ -242,16 +245,23 @@ class Agent:
         finish = "stop"
         while True:
             tools = [CODE_INTERPRETER_TOOL] if turn.calls < self.config.max_tool_calls else None
+            # Native tool calls arrive apart from the text: only thinking is told apart.
+            splitter = _TextSplitter("", ())
+
+            def on_text(piece: str, splitter: _TextSplitter = splitter) -> None:
+                for event in splitter.feed(piece):
+                    emit(event)
+
             completion = await self.model.chat(
                 turn.messages,
                 tools=tools,
                 max_tokens=self.config.max_tokens_per_call,
-                on_text=(lambda p: emit(TextEvent(text=p, thinking=False)))
-                if self.config.stream
-                else None,
+                on_text=on_text if self.config.stream else None,
             )
-            if not self.config.stream and completion.text:
-                emit(TextEvent(text=completion.text, thinking=False))
+            if not self.config.stream:
+                on_text(completion.text)
+            for event in splitter.flush():
+                emit(event)
             turn.tokens += completion.completion_tokens or _estimate_tokens(completion.text)
             message: dict[str, Any] = {"role": "assistant", "content": completion.text or None}
             if completion.tool_calls:
@@ -329,19 +339,55 @@ def _error_execution(name: str, message: str) -> Execution:
     )
 
 
-class _ThinkTracker:
-    """Whether streamed text is inside `<think>…</think>` (thinking is shown dimmed). Tags can
-    arrive split across chunks, so the last few characters are kept to find them."""
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
-    def __init__(self, before: str) -> None:
-        self.inside = before.rfind("<think>") > before.rfind("</think>")
-        self.recent = before[-8:]
 
-    def feed(self, piece: str) -> bool:
-        """The state at the end of `piece`."""
-        seen = self.recent + piece
-        opened, closed = seen.rfind("<think>"), seen.rfind("</think>")
-        if opened >= 0 or closed >= 0:
-            self.inside = opened > closed
-        self.recent = seen[-8:]
-        return self.inside
+class _TextSplitter:
+    """Splits streamed text where its kind changes: into `<think>…</think>` (tags included)
+    and out, and into a tool call from its opening marker on. Markers can arrive split across
+    chunks: a chunk's tail that may begin one is held back until the next chunk (or `flush`),
+    so no marker is ever cut between two kinds."""
+
+    def __init__(self, before: str, call_start: tuple[str, ...]) -> None:
+        self.thinking = before.rfind(THINK_OPEN) > before.rfind(THINK_CLOSE)
+        self.call = False  # generation stops at a call's end: once in one, in it until then
+        self.call_start = call_start
+        self.pending = ""
+
+    def feed(self, piece: str) -> list[TextEvent]:
+        text, out = self.pending + piece, []
+        while True:
+            markers = self._markers()
+            hits = [(text.find(m), m) for m in markers if m in text]
+            if not hits:
+                break
+            at, marker = min(hits)
+            self._add(out, text[:at])
+            if marker == THINK_OPEN:
+                self.thinking = True
+            elif marker != THINK_CLOSE:
+                self.call = True
+            self._add(out, marker)
+            if marker == THINK_CLOSE:
+                self.thinking = False
+            text = text[at + len(marker) :]
+        held = max(
+            (n for m in self._markers() for n in range(1, len(m)) if text.endswith(m[:n])),
+            default=0,
+        )
+        self._add(out, text[: len(text) - held])
+        self.pending = text[len(text) - held :]
+        return out
+
+    def flush(self) -> list[TextEvent]:
+        out: list[TextEvent] = []
+        self._add(out, self.pending)
+        self.pending = ""
+        return out
+
+    def _markers(self) -> tuple[str, ...]:
+        return (THINK_OPEN, THINK_CLOSE) + (() if self.call else self.call_start)
+
+    def _add(self, out: list[TextEvent], text: str) -> None:
+        if text:
+            out.append(TextEvent(text=text, thinking=self.thinking, call=self.call))
