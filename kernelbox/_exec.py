@@ -64,6 +64,12 @@ def add_parser(commands: Any) -> None:
         "--api-key", help="the service's API key (default: $KERNELBOX_API_KEY, else none)"
     )
     parser.add_argument(
+        "--notebook",
+        metavar="PATH",
+        help="save the session's history (this code and its output included) as a Jupyter "
+        "notebook (default: off)",
+    )
+    parser.add_argument(
         "--save-dir",
         "--output-dir",
         dest="save_dir",
@@ -89,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"session: {session.id}", file=sys.stderr)
         throwaway = not (args.session or args.keep)
         try:
-            return _run(session, code, args)
+            status = _run(session, code, args)
+            if args.notebook:
+                print(f"notebook saved: {session.save_notebook(args.notebook)}", file=sys.stderr)
+            return status
         except KeyboardInterrupt:
             _quietly(session.interrupt)
             print("\ninterrupted", file=sys.stderr)

@@ -459,3 +459,19 @@ def test_cli_model_and_service_failures_are_one_line_with_their_exit_code(servic
     with _failing_model_server(200, "<html>not an API</html>") as html:
         done = _cli(service, html + "/v1", cwd=tmp_path)
         check(done, 6, "answered something that is not a completion")
+
+
+def test_cli_saves_what_the_agent_ran_as_a_notebook(service, tmp_path):
+    import nbformat
+
+    with scripted_model([hermes_call("y = 6 * 7\nprint(y)"), "It is 42."]) as model:
+        shown = _cli(
+            service, model.url, "--dialect", "hermes", "--notebook", "run.ipynb", cwd=tmp_path
+        )
+    assert shown.returncode == 0, shown.stderr
+    assert "notebook saved: run.ipynb" in shown.stderr
+    notebook = nbformat.read(tmp_path / "run.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    (cell,) = notebook.cells
+    assert cell.source == "y = 6 * 7\nprint(y)"
+    assert cell.outputs[0].text == "42\n"

@@ -209,3 +209,14 @@ def test_help_shows_every_default():
     assert "else http://127.0.0.1:8000" in text  # the kernelbox service
     assert "default: ./kernelbox-output" in text
     assert "5 the model server cannot be reached" in text  # the exit codes
+
+
+def test_exec_saves_the_session_as_a_notebook(server, tmp_path):
+    import nbformat
+
+    ran = kernelbox_exec(server, "--notebook", "out.ipynb", "print(1 + 1)", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.strip() == "notebook saved: out.ipynb"
+    notebook = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert [c.source for c in notebook.cells] == ["print(1 + 1)"]
+    assert notebook.cells[0].outputs[0].text == "2\n"

@@ -96,6 +96,11 @@ def add_parser(commands: Any) -> None:
         help="where images are saved, created when needed (default: ./%(default)s)",
     )
     agent.add_argument(
+        "--notebook",
+        metavar="PATH",
+        help="save the code the agent ran, with its outputs, as a Jupyter notebook (default: off)",
+    )
+    agent.add_argument(
         "--json",
         action="store_true",
         help="print the whole result as JSON instead of the live view (default: off)",
@@ -162,6 +167,9 @@ async def _run(args: argparse.Namespace, question: str) -> int:
                         display.show(event, saved)
                     if isinstance(event, FinalEvent):
                         result = event.result
+                if args.notebook:  # before the session ends with this command
+                    saved_at = await session.save_notebook(args.notebook)
+                    print(f"notebook saved: {saved_at}", file=sys.stderr)
     finally:
         if display is not None:
             display.close()
