@@ -271,6 +271,23 @@ def test_restart_gives_a_fresh_kernel_and_keeps_the_files(server, browser):
     assert cell.get_attribute("data-status") == "error"
 
 
+def test_pause_then_run_resumes_and_the_notebook_downloads(server, browser, downloads):
+    open_page(browser, server.url)
+    run_cell(browser, "kept = 41")
+    browser.find_element(By.ID, "pause").click()
+    wait(browser).until(lambda b: "Paused" in b.find_element(By.ID, "cells").text)
+    session = browser.execute_script("return sessionStorage.getItem('kernelbox.session')")
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get(f"/v1/sessions/{session}").json()["status"] == "paused"
+    cell = run_cell(browser, "print(kept + 1)")
+    assert "42" in cell.find_element(By.CSS_SELECTOR, "pre.stdout").text
+    assert "resumed after a pause" in cell.text
+    browser.find_element(By.ID, "notebook").click()
+    saved = downloads / f"{session}.ipynb"
+    wait(browser).until(lambda _: saved.exists() and saved.stat().st_size > 0)
+    wait(browser).until(lambda _: "print(kept + 1)" in saved.read_text())
+
+
 def test_an_uploaded_file_shows_in_the_list(server, browser, tmp_path):
     open_page(browser, server.url)
     upload = tmp_path / "numbers.csv"

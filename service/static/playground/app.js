@@ -257,6 +257,7 @@ function footer(container, execution) {
   const ms = Math.round(execution.duration_ms ?? 0);
   foot.append(status, element("span", "muted", ` ${ms} ms`));
   if (execution.kernel_restarted) foot.append(element("span", "warning", " · kernel restarted: state lost"));
+  if (execution.resumed) foot.append(element("span", "muted", " · resumed after a pause"));
   if (execution.truncated) foot.append(element("span", "warning", " · output truncated"));
   container.append(foot);
   for (const note of execution.notes ?? []) container.append(element("p", "note", note));
@@ -392,6 +393,26 @@ async function restart() {
     $("run-state").textContent = state.running ? "running…" : "";
   }
   $("cells").append(element("p", "note", "Kernel restarted: variables are gone, files are kept."));
+}
+
+async function pause() {
+  if (!state.session) return;
+  await call(sessionPath("/pause"), { method: "POST" });
+  $("cells").append(
+    element("p", "note", "Paused: the kernel is stopped, its variables saved; the next run resumes it.")
+  );
+}
+
+async function saveNotebook() {
+  if (!state.session) return;
+  const blob = await (await call(sessionPath("/notebook"))).blob();
+  const link = element("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `${state.session}.ipynb`;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
 // -- files --------------------------------------------------------------------------------
@@ -576,6 +597,8 @@ async function main() {
   $("run").addEventListener("click", guard(run));
   $("interrupt").addEventListener("click", guard(interrupt));
   $("restart").addEventListener("click", guard(restart));
+  $("pause").addEventListener("click", guard(pause));
+  $("notebook").addEventListener("click", guard(saveNotebook));
   $("new-session").addEventListener("click", guard(async () => {
     await newSession();
     $("cells").replaceChildren();
