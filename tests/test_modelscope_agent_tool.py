@@ -75,6 +75,7 @@ def test_role_play_keeps_variables_across_calls_and_gets_images(modelscope_pytho
         args = [service.url, KEY, model.url, work_dir, *direct_calls]
         run = subprocess.run(
             [str(modelscope_python), "-c", AGENT_SCRIPT, *args],
+            cwd=tmp_path,  # modelscope-agent downloads nltk data into ./tmp
             capture_output=True,
             text=True,
             timeout=600,
