@@ -405,14 +405,7 @@ async function pause() {
 
 async function saveNotebook() {
   if (!state.session) return;
-  const blob = await (await call(sessionPath("/notebook"))).blob();
-  const link = element("a");
-  link.href = URL.createObjectURL(blob);
-  link.download = `${state.session}.ipynb`;
-  document.body.append(link);
-  link.click();
-  link.remove();
-  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+  saveBlob(await (await call(sessionPath("/notebook"))).blob(), `${state.session}.ipynb`);
 }
 
 // -- files --------------------------------------------------------------------------------
@@ -450,15 +443,18 @@ function size(bytes) {
 }
 
 // A download needs the key in a header, so it goes through fetch and a blob URL.
-async function download(path) {
-  const blob = await (await call(filePath(path))).blob();
+function saveBlob(blob, name) {
   const link = element("a");
   link.href = URL.createObjectURL(blob);
-  link.download = path.split("/").pop();
+  link.download = name;
   document.body.append(link);
   link.click();
   link.remove();
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+}
+
+async function download(path) {
+  saveBlob(await (await call(filePath(path))).blob(), path.split("/").pop());
 }
 
 async function upload(files) {
