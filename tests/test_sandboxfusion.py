@@ -677,9 +677,12 @@ async def test_docker_concurrent_runs_cannot_read_or_signal_each_other(docker_se
         import os, time
         open('secret.txt', 'w').write('s3cret')
         info = f'{os.getpid()} {os.getcwd()}'
-        with open('/dev/shm/victim-info', 'w') as f:   # shared on purpose, for the attacker
+        # Shared on purpose, for the attacker; published whole (written, then renamed) so it
+        # never reads a file that exists but is still empty.
+        with open('/dev/shm/victim-info.part', 'w') as f:
             f.write(info)
-        os.chmod('/dev/shm/victim-info', 0o644)
+        os.chmod('/dev/shm/victim-info.part', 0o644)
+        os.replace('/dev/shm/victim-info.part', '/dev/shm/victim-info')
         open('/tmp/left-behind', 'w').write('x')
         os.chmod('/tmp/left-behind', 0o644)
         time.sleep(4)
