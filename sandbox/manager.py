@@ -150,6 +150,7 @@ class SessionManager:
             kept = await session.detach()
         if not kept:
             record.kernel = None
+            await self.pool.workdirs.release(session.workspace.root)
         assert self.store is not None
         await self.store.put(record)
 

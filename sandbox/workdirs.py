@@ -147,6 +147,13 @@ class Workdirs:
             )
         return workdir
 
+    async def release(self, workdir: Path) -> None:
+        """Unmount a kept working directory whose kernel ended with the service (`reopen`
+        mounts it again): nothing stays mounted for a service that is not running. Not one
+        a kept kernel still has bind-mounted: two mounts of one image would corrupt it."""
+        if os.path.ismount(workdir):
+            await _unmount(workdir)
+
     async def create(self) -> tuple[str, Path]:
         """A new, empty working directory: (its id, its path)."""
         wid = uuid.uuid4().hex

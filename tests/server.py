@@ -83,6 +83,9 @@ def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServe
             with running_server(wait_ready, data_dir=Path(data_dir), **settings) as server:
                 yield server
         return
+    # A test's leftover sessions must not leave their kernels running (Docker's would outlive
+    # the server): tests of sessions that outlive the service say otherwise (test_durable.py).
+    settings.setdefault("stop_kernels_on_shutdown", True)
     sock = listening_socket(settings.get("port", 0))
     config = Settings(**{**settings, "port": sock.getsockname()[1]})
     app = create_app(config)
