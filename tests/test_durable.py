@@ -157,6 +157,8 @@ def deployment(request) -> Iterator[Deployment]:
                 container.remove(force=True)
         # Session directories may be loop-mounted filesystems (a root service with a disk
         # limit): unmount before removing.
+        for log in sorted(top.glob("service-*.log")):  # shown by pytest if the test failed
+            print(f"== {log.name}\n{log.read_text(errors='replace')[-20000:]}")
         for point in _mounts_under(top):
             subprocess.run(["umount", "-l", point], check=False)
         shutil.rmtree(top, ignore_errors=True)
