@@ -30,7 +30,7 @@ from typing import Any
 from jupyter_client.session import Session
 
 from . import zmtp
-from .backends.base import ExitInfo, KernelBackend, KernelProcess, socket_path
+from .backends.base import CannotAttach, ExitInfo, KernelBackend, KernelProcess, socket_path
 from .errors import KernelStartError
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,53 @@ class Kernel:
         return ExitInfo(None, self.fault or "stopped answering")
 
     @classmethod
+    def gone(cls, workdir: Path, reason: str, file_owner: tuple[int, int] | None = None) -> Kernel:
+        """A kernel that is not running (a session restored without one): the session
+        starts a fresh one when next used, and says that state was lost."""
+        return cls(_NoProcess(workdir, reason, file_owner))
+
+    @classmethod
+    async def attach(
+        cls, backend: KernelBackend, description: dict[str, Any], timeout: float = 10.0
+    ) -> Kernel:
+        """The running kernel that `description` (KernelProcess.describe) names, checked to
+        answer (kernel_info) as a started one is. CannotAttach where the backend's kernels
+        cannot outlive their service; KernelStartError where this one did not (the handle
+        is released then, and the process removed)."""
+        try:
+            proc = await backend.attach(description)
+        except CannotAttach:
+            raise
+        except Exception as exc:
+            raise KernelStartError(f"the kernel could not be found again: {exc}") from exc
+        kernel = cls(proc, backend.config.max_message_bytes)
+        try:
+            await kernel._wait_ready(timeout)
+        except BaseException:
+            await kernel.shutdown()
+            raise
+        return kernel
+
+    async def detach(self, backend: KernelBackend) -> bool:
+        """Let go of the kernel, leaving it running where the backend can (for the next
+        service to attach to); whether it was left running (else it was stopped)."""
+        if self.conn is not None:
+            self.conn.close()
+        if not self.alive:
+            await self.shutdown()
+            return False
+        if not self.death.done():
+            self.death.cancel()
+        with contextlib.suppress(BaseException):
+            await self.death
+        return await backend.detach(self.proc)
+
+    @property
+    def running(self) -> bool:
+        """Whether a process stands behind this kernel at all (not `gone`)."""
+        return not isinstance(self.proc, _NoProcess)
+
+    @classmethod
     async def start(
         cls,
         backend: KernelBackend,
@@ -404,3 +451,33 @@ class Kernel:
                 self.death.cancel()
             with contextlib.suppress(BaseException):
                 await self.death
+
+
+class _NoProcess(KernelProcess):
+    """Stands for a kernel that does not run (see `Kernel.gone`)."""
+
+    backend_name = "none"
+
+    def __init__(self, workdir: Path, reason: str, file_owner: tuple[int, int] | None) -> None:
+        self.workdir = self.runtime_dir = workdir
+        self.connection_info = {}
+        self.file_owner = file_owner
+        self._exit = ExitInfo(None, reason)
+
+    async def poll(self) -> ExitInfo | None:
+        return self._exit
+
+    async def wait(self) -> ExitInfo:
+        return self._exit
+
+    async def send_signal(self, signum: int) -> None:
+        return None
+
+    async def kill(self) -> None:
+        return None
+
+    async def cleanup(self) -> None:
+        return None
+
+    def log_tail(self, max_chars: int = 2000) -> str:
+        return ""

@@ -112,6 +112,8 @@ class KernelSession:
         # Paused: what was saved (the kernel is stopped until the next execution).
         self._paused: Report | None = None
         self._closed = False
+        #: called when what a record of the session holds changes (its kernel, its pause)
+        self.on_change: Callable[[], None] | None = None
 
     @classmethod
     async def start(
@@ -129,6 +131,24 @@ class KernelSession:
         workspace = Workspace(workdir, session_files.default_io(), uuid.uuid4().hex)
         workspace.adopt(kernel.proc)
         return cls(backend, kernel, workspace, options=options, env=env)
+
+    def restored(self, execution_count: int, paused: Report | None, notice: str | None) -> None:
+        """Take up the state of a session restored from its record (store.py): paused with
+        `paused` saved, or with `notice` for the next execution to give (its kernel was
+        lost with the service, so state was too)."""
+        self.execution_count = execution_count
+        self._paused = paused
+        self._notice = notice
+
+    def describe_kernel(self) -> dict[str, Any] | None:
+        """Where the kernel runs (KernelProcess.describe), None when none does."""
+        if self._paused is not None or not self.kernel.running or not self.kernel.alive:
+            return None
+        return self.kernel.proc.describe()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     @property
     def workdir(self) -> Path:
@@ -199,7 +219,7 @@ class KernelSession:
                 log.warning("session %s: restart failed (%s); trying again", self.id, exc)
                 await self._restart_now()
                 return notice  # the execution that caused the restart reported it
-        if self.kernel.alive:
+        if self.kernel.alive and self.kernel.running:
             return notice
         info = await self.kernel.end()
         log.info("session %s: kernel %s while idle; restarting", self.id, info.reason)
@@ -485,6 +505,7 @@ class KernelSession:
             await self.kernel.shutdown()
             self._paused = report
             log.info("session %s paused (%d names saved)", self.id, len(report.names))
+            self._changed()
             return report
 
     async def _resume(self) -> Report:
@@ -495,6 +516,7 @@ class KernelSession:
         self.kernel = await Kernel.start(self.backend, self.workspace.root, self.env)
         self.workspace.adopt(self.kernel.proc)
         self._paused = None
+        self._changed()
         try:
             reply = await self._silently(
                 RESTORE_CODE, self.options.pause_timeout, {"report": "__kernelbox_resume()"}
@@ -547,6 +569,21 @@ class KernelSession:
             self._paused = None
             with contextlib.suppress(FileNotFoundError):
                 await self.workspace.delete(STATE_FILE)
+        self._changed()
+
+    async def detach(self) -> bool:
+        """Close the session here but leave its kernel running where the backend can (for
+        the next service to re-attach to); whether it was left running."""
+        if self._closed:
+            return False
+        self._closed = True
+        if self._restarting is not None and not self._restarting.done():
+            with contextlib.suppress(BaseException):
+                await self._restarting
+        if self._paused is not None or not self.kernel.running:
+            await self.kernel.shutdown()
+            return False
+        return await self.kernel.detach(self.backend)
 
     async def close(self) -> None:
         """Stop the kernel; the working directory is left to whoever created it."""

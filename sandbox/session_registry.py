@@ -72,6 +72,10 @@ class SessionRegistry:
             raise SessionNotFound(f"no session {session_id!r}")
         return managed
 
+    def find(self, session_id: str) -> ManagedSession | None:
+        """The session of that id, whoever owns it (for the engine, never for a caller)."""
+        return self._sessions.get(session_id)
+
     def of(self, owner: str) -> list[ManagedSession]:
         return [m for m in self._sessions.values() if m.owner == owner]
 

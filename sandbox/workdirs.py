@@ -1,16 +1,22 @@
 """Where sessions' working directories come from, and where they go.
 
-Each service instance keeps its sessions under a directory of its own, `DATA_DIR/instance-*`,
-locked (flock) for as long as it lives: a later instance removes the directories (and unmounts
-the filesystems) of instances whose lock it can take, so a service killed with SIGKILL leaves
-nothing behind for long.
+They live under the data directory, at `DATA_DIR/sessions/<id>/work`, a path that does not
+change from one service process to the next: a session that outlives its service (its record
+in the session store, store.py) finds its files again. One service at a time owns a data
+directory: it holds a lock (flock) on `DATA_DIR/.lock` for as long as it lives, and a second
+service on the same directory refuses to start. At start-up the service removes the
+directories that belong to no registered session (the warm kernels' of a service that was
+killed, say), and what older versions left (`DATA_DIR/instance-*`, each with a lock of its
+own that is free once its service is gone).
 
 With a disk limit and the means (root, loop devices, mkfs.ext4), each working directory is a
 filesystem of its own: a sparse ext4 image of the limit's size, loop-mounted `nosuid,nodev` at
 `<id>/work`. The filesystem enforces the limit as code writes (ENOSPC at the byte, inodes
 bounded too), also for background threads and between executions, and its size is one
-`statvfs` away; removing it is an unmount. Elsewhere it is a plain directory, whose size the
-session measures while code runs and the manager between executions (quota.py).
+`statvfs` away; removing it is an unmount. A directory whose image is not mounted any more
+(the host rebooted, or the service's container was restarted) is mounted again when its
+session is restored (`reopen`). Elsewhere it is a plain directory, whose size the session
+measures while code runs and the manager between executions (quota.py).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ _BYTES_PER_INODE = 16 * 1024
 
 
 class Workdirs:
-    """Working directories of one service instance (see the module docstring)."""
+    """Working directories of the service that owns the data directory (see the module
+    docstring)."""
 
     def __init__(self, data_dir: Path, io: files.FileIO, disk_bytes: int | None, mount: str):
         """`mount`: "auto" (a filesystem per directory where possible), "always" (refuse to
@@ -46,10 +53,18 @@ class Workdirs:
         self.io = io
         self.disk_bytes = disk_bytes
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.root = data_dir / f"instance-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.root.mkdir(mode=0o755)
-        self._lock_fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.root = data_dir / "sessions"
+        self.root.mkdir(mode=0o755, exist_ok=True)
+        self._lock_fd = os.open(data_dir / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(
+                f"another kernelbox service uses the data directory {data_dir}: two cannot "
+                "share one (each would take the other's sessions); give this one its own "
+                "KERNELBOX_DATA_DIR"
+            ) from None
         why_not = None if disk_bytes else "no disk limit is set"
         if why_not is None and mount != "never":
             why_not = _cannot_mount()
@@ -71,11 +86,19 @@ class Workdirs:
     def enforced(self) -> bool:
         return self.unenforced_reason is None
 
-    async def remove_stale(self) -> list[Path]:
-        """Remove the directories of instances that are gone (their lock is free)."""
+    async def remove_stale(self, keep: set[str] | frozenset[str] = frozenset()) -> list[Path]:
+        """Remove the working directories of sessions not in `keep` (ids), and those of older
+        versions' instances that are gone (their lock is free)."""
         removed = []
+        for home in sorted(self.root.iterdir()):
+            if home.name in keep or not home.is_dir() or home.is_symlink():
+                continue
+            log.info("removing %s, which belongs to no session", home)
+            await self._unmount_below(home)
+            await self.io.run(home.name, files.remove_tree, home, timeout=600)
+            removed.append(home)
         for other in sorted(self.data_dir.glob("instance-*")):
-            if other == self.root or not other.is_dir():
+            if not other.is_dir():
                 continue
             try:
                 fd = os.open(other / _LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -98,6 +121,38 @@ class Workdirs:
                 if fd >= 0:
                     os.close(fd)
         return removed
+
+    def path_of(self, wid: str) -> Path:
+        """The working directory of id `wid` (made by `create`, in this or an earlier
+        process)."""
+        if not wid or "/" in wid or wid.startswith("."):
+            raise ValueError(f"not a working directory id: {wid!r}")
+        return self.root / wid / "work"
+
+    async def reopen(self, wid: str) -> Path | None:
+        """The working directory of a restored session, its filesystem mounted again if the
+        mount is gone; None if the directory is not there any more."""
+        workdir = self.path_of(wid)
+        if not workdir.is_dir() or workdir.is_symlink():
+            return None
+        image = workdir.parent / IMAGE
+        if image.exists() and not os.path.ismount(workdir):
+            if not self.enforced:
+                raise RuntimeError(
+                    f"{workdir} is a filesystem image, which cannot be mounted here: "
+                    f"{self.unenforced_reason}"
+                )
+            await _run(
+                "mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime", str(image), str(workdir)
+            )
+        return workdir
+
+    async def release(self, workdir: Path) -> None:
+        """Unmount a kept working directory whose kernel ended with the service (`reopen`
+        mounts it again): nothing stays mounted for a service that is not running. Not one
+        a kept kernel still has bind-mounted: two mounts of one image would corrupt it."""
+        if os.path.ismount(workdir):
+            await _unmount(workdir)
 
     async def create(self) -> tuple[str, Path]:
         """A new, empty working directory: (its id, its path)."""
@@ -125,12 +180,10 @@ class Workdirs:
         return Workspace(workdir, self.io, key, limits, own_filesystem=self.enforced, workdirs=self)
 
     async def close(self) -> None:
-        """Remove this instance's directory (every session's working directory with it)."""
-        try:
-            await self._unmount_below(self.root)
-            await self.io.run(self.root.name, files.remove_tree, self.root, timeout=600)
-        finally:
-            os.close(self._lock_fd)
+        """Let go of the data directory. Working directories stay (their sessions outlive
+        the service: see store.py); each was removed with its session, and the warm
+        kernels' with the pool."""
+        os.close(self._lock_fd)
 
     async def _make_filesystem(self, image: Path, workdir: Path) -> None:
         assert self.disk_bytes

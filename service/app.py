@@ -18,6 +18,7 @@ from kernelbox_server.sandbox.forkserver import ForkServer, ForkServerOptions
 from kernelbox_server.sandbox.manager import ManagerOptions, SessionManager
 from kernelbox_server.sandbox.pool import KernelPool
 from kernelbox_server.sandbox.session import SessionOptions
+from kernelbox_server.sandbox.store import SessionStore
 from kernelbox_server.sandbox.workdirs import Workdirs
 
 from . import docs, errors, playground
@@ -80,6 +81,7 @@ def manager_options(settings: Settings, run_slots: int) -> ManagerOptions:
         max_idle_timeout=settings.max_idle_timeout,
         pause_after=settings.pause_after,
         acquire_wait=settings.pool_wait,
+        stop_kernels_on_shutdown=settings.stop_kernels_on_shutdown,
         session=SessionOptions(
             default_timeout=settings.default_timeout,
             max_timeout=settings.max_timeout,
@@ -101,14 +103,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         io = FileIO()
-        # Each service instance keeps its sessions' files in a directory of its own.
+        # Sessions outlive the service: their files under the data directory, their records
+        # in its store; one service per data directory (Workdirs holds its lock).
         workdirs = Workdirs(
             settings.data_dir, io, settings.disk_mb * 1024**2, settings.workdir_mount
         )
+        store = SessionStore(settings.data_dir)
         try:
-            await workdirs.remove_stale()
+            records = await store.open()
+            await workdirs.remove_stale(keep={r.workdir for r in records})
+            # Its orphan reaping spares the kernels of the stored sessions.
             backend = build_backend(settings)
         except BaseException:
+            await store.close()
             await workdirs.close()
             io.close()
             raise
@@ -116,14 +123,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             check_isolation(settings, backend)
         except BaseException:
             await backend.close()
+            await store.close()
             await workdirs.close()
             io.close()
             raise
         pool = KernelPool(backend, workdirs, min_idle=settings.min_idle)
         fork_options = forkserver_options(settings)
-        manager = SessionManager(pool, manager_options(settings, fork_options.total_slots))
+        manager = SessionManager(
+            pool, manager_options(settings, fork_options.total_slots), store=store
+        )
         forkserver = ForkServer(backend, fork_options)  # its templates start on first use
         app.state.application = application = Application(settings, manager, forkserver, metrics)
+        try:
+            await manager.restore(records)
+        except BaseException:
+            await manager.close()
+            await backend.close()
+            io.close()
+            raise
         manager.start()
         log.info(
             "kernelbox ready: %s backend, %d warm kernels wanted; open %s/ to try it",
@@ -136,7 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with mcp.start(application):
                 yield
         finally:
-            # Graceful shutdown: every kernel stops, nothing is left behind.
+            # Graceful shutdown: sessions are kept (their records, their files, and their
+            # kernels where the backend can keep them running); everything else stops.
             try:
                 try:
                     await forkserver.close()

@@ -22,8 +22,14 @@ class Settings(BaseSettings):
     # A file of keys (comma- or line-separated), added to api_key: keeps them off every
     # command line and out of the environment
     api_key_file: Path | None = None
-    # Where session working directories live (the service's own view of the path).
+    # Where sessions live: their working directories and their registry (sessions.db), kept
+    # from one service process to the next (the service's own view of the path; one service
+    # per directory).
     data_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "kernelbox")
+    # A graceful shutdown stops the kernels too. Default: kernels that can outlive the service
+    # (Docker's containers) keep running, and the next service on the same data_dir
+    # re-attaches to them with their variables; sessions and files are kept either way.
+    stop_kernels_on_shutdown: bool = False
     # Base of the URLs given for images; default: the URL the request came in on.
     public_url: str | None = None
     # Host names (besides loopback, `host` and public_url's) that MCP requests may name in

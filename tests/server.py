@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -72,6 +75,17 @@ def serving(app, sock: socket.socket | None = None, **config) -> Iterator[str]:
 
 @contextlib.contextmanager
 def running_server(wait_ready: bool = True, **settings) -> Iterator[RunningServer]:
+    if "data_dir" not in settings:
+        # A data directory of its own (sessions outlive their service there, and one service
+        # owns it), short for the kernels' unix sockets; removed with the server.
+        with tempfile.TemporaryDirectory(prefix="kb-") as data_dir:
+            os.chmod(data_dir, 0o755)  # kernels running as another user reach their files
+            with running_server(wait_ready, data_dir=Path(data_dir), **settings) as server:
+                yield server
+        return
+    # A test's leftover sessions must not leave their kernels running (Docker's would outlive
+    # the server): tests of sessions that outlive the service say otherwise (test_durable.py).
+    settings.setdefault("stop_kernels_on_shutdown", True)
     sock = listening_socket(settings.get("port", 0))
     config = Settings(**{**settings, "port": sock.getsockname()[1]})
     app = create_app(config)

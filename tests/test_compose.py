@@ -268,21 +268,71 @@ def test_service_runs_as_a_user_with_no_capabilities(deployment):
     assert status["NoNewPrivs"].strip() == "1", status
 
 
-def test_sigterm_removes_the_kernels(deployment):
+def end_sessions(deployment) -> None:
+    """Delete every session of the key: the deployment is shared, its slots are few."""
+    with deployment.http() as http:
+        for session in http.get("/v1/sessions").json():
+            assert http.delete(f"/v1/sessions/{session['id']}").status_code == 204
+
+
+def session_intact(deployment, session_id: str) -> dict:
+    """The session still answers, with its variable (`y = 1`, set by new_session), and its
+    kernel was not replaced."""
+    with deployment.http() as http:
+        ran = http.post(f"/v1/sessions/{session_id}/execute", json={"code": "print(y)"})
+    body = ran.json()
+    assert ran.status_code == 200 and body["stdout"] == "1\n", body
+    assert not body.get("kernel_restarted"), body
+    return body
+
+
+def test_sigterm_keeps_the_sessions_kernels_and_removes_the_rest(deployment):
     service = deployment.service()
-    deployment.new_session()
+    session_id = deployment.new_session()
     # the session's and a warm one (the pool refills in the background)
     assert wait_for(lambda: len(deployment.kernels(service.id)) >= 2, 60), deployment.kernels()
     deployment.compose("stop")  # SIGTERM: a graceful shutdown
-    # Removed by the service before it exited (the engine may still be finishing a removal).
-    assert wait_for(lambda: deployment.kernels(service.id) == [], 5), deployment.kernels()
+    # The warm kernels are removed by the service before it exits (the engine may still be
+    # finishing a removal); the session's keeps running for the next start.
+    assert wait_for(lambda: len(deployment.kernels(service.id)) == 1, 5), deployment.kernels()
+    assert deployment.kernels(service.id)[0].status == "running"
     deployment.compose("start")
     deployment.wait_healthy()
+    session_intact(deployment, session_id)
+    end_sessions(deployment)
 
 
-def test_a_crashed_service_is_restarted_and_reaps_its_kernels(deployment):
+def test_compose_restart_keeps_a_live_session(deployment):
+    session_id = deployment.new_session()
+    with deployment.http() as http:
+        wrote = http.post(
+            f"/v1/sessions/{session_id}/execute",
+            json={"code": "open('kept.txt', 'w').write('still here')"},
+        )
+        assert wrote.json()["status"] == "ok", wrote.text
+    started = deployment.service().attrs["State"]["StartedAt"]
+    deployment.compose("restart")
+    assert deployment.service().attrs["State"]["StartedAt"] != started, "not restarted"
+    deployment.wait_healthy()
+    session_intact(deployment, session_id)
+    with deployment.http() as http:
+        got = http.get(f"/v1/sessions/{session_id}/files/kept.txt")
+        assert got.status_code == 200 and got.text == "still here", got.text
+        info = http.get(f"/v1/sessions/{session_id}").json()
+        assert info["execution_count"] == 3, info
+        # another key is still another owner
+        other = httpx.get(
+            f"{deployment.url}/v1/sessions/{session_id}",
+            headers={"Authorization": "Bearer not-the-key"},
+            timeout=30,
+        )
+        assert other.status_code == 401, other.text
+    end_sessions(deployment)
+
+
+def test_a_crashed_service_is_restarted_and_keeps_its_sessions(deployment):
     service = deployment.service()
-    deployment.new_session()
+    session_id = deployment.new_session()
     before = {k.id for k in deployment.kernels(service.id)}
     assert before
     started = service.attrs["State"]["StartedAt"]
@@ -296,24 +346,37 @@ def test_a_crashed_service_is_restarted_and_reaps_its_kernels(deployment):
         assert time.monotonic() < deadline, "the service was not restarted"
         time.sleep(0.25)
     deployment.wait_healthy()
-    # Healthy means the lifespan ran, and with it the orphan reaping.
-    assert not before & {k.id for k in deployment.kernels(service.id)}
+    session_intact(deployment, session_id)
+    # Healthy means the lifespan ran, and with it the orphan reaping: of the dead process's
+    # kernels only its sessions' are left (the warm ones were orphans).
+    with deployment.http() as http:
+        live = {s["id"] for s in http.get("/v1/sessions").json()}
+    left = before & {k.id for k in deployment.kernels(service.id)}
+    assert session_id in live and len(left) <= len(live), (left, live)
     assert deployment.new_session()
+    end_sessions(deployment)
 
 
 def test_a_killed_container_is_cleaned_up_by_the_next_start(deployment):
     service = deployment.service()
-    deployment.new_session()
+    session_id = deployment.new_session()
     before = {k.id for k in deployment.kernels(service.id)}
     service.kill()  # SIGKILL to the whole container: it stays down, its kernels stay behind
     assert before <= {k.id for k in deployment.kernels(service.id)}
     deployment.compose("up", "-d")
     deployment.wait_healthy()
-    assert not before & {k.id for k in deployment.kernels()}
+    session_intact(deployment, session_id)
+    with deployment.http() as http:
+        live = {s["id"] for s in http.get("/v1/sessions").json()}
+    assert len(before & {k.id for k in deployment.kernels()}) <= len(live)
+    end_sessions(deployment)
 
 
 def test_down_leaves_nothing_behind(deployment):
     deployment.new_session()
     assert deployment.kernels()
+    # Sessions outlive `down` (their kernels keep running for the next `up`): ending them is
+    # deleting them.
+    end_sessions(deployment)
     deployment.compose("down", "-v")
     assert deployment.leftovers() == {"containers": [], "networks": [], "volumes": []}

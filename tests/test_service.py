@@ -548,7 +548,8 @@ def test_kernels_die_with_a_killed_service(tmp_path):
     )
     try:
         _wait_for_warm(f"http://127.0.0.1:{port}", 2)
-        httpx.post(f"http://127.0.0.1:{port}/v1/sessions", json={}).raise_for_status()
+        created = httpx.post(f"http://127.0.0.1:{port}/v1/sessions", json={})
+        created.raise_for_status()
         kernels = [
             p
             for p in psutil.Process(server.pid).children(recursive=True)
@@ -559,15 +560,21 @@ def test_kernels_die_with_a_killed_service(tmp_path):
         server.wait(timeout=10)
         _, alive = psutil.wait_procs(kernels, timeout=10)
         assert alive == [], f"kernels outlived their service: {[p.pid for p in alive]}"
-        # What the dead instance left in the data directory (working directories, their
-        # filesystems when it was root) is removed by the next one that starts there.
+        # What the dead instance left in the data directory (the warm kernels' working
+        # directories, their filesystems when it was root) is removed by the next one that
+        # starts there; the session's is kept (sessions outlive the service) until deleted.
         server = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL)
         _wait_for_warm(f"http://127.0.0.1:{port}", 1)
+        sid = created.json()["id"]
+        assert [p.name for p in (tmp_path / "sessions").iterdir()].count(sid) == 1
+        httpx.delete(f"http://127.0.0.1:{port}/v1/sessions/{sid}").raise_for_status()
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises it when done
         with open("/proc/self/mountinfo") as f:
             assert str(tmp_path) not in f.read(), "a working directory is still mounted"
-        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+        assert list((tmp_path / "sessions").iterdir()) == []
+        registry = {".lock", "sessions", "sessions.db", "sessions.db-wal", "sessions.db-shm"}
+        assert {p.name for p in tmp_path.iterdir()} <= registry, list(tmp_path.iterdir())
     finally:
         if server.poll() is None:
             server.kill()

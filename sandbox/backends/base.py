@@ -187,6 +187,15 @@ class KernelBackend(abc.ABC):
             "service that started them"
         )
 
+    async def detach(self, proc: KernelProcess) -> bool:
+        """Let `proc` outlive this service, for the next one to `attach` to; whether it
+        does. Here it cannot (its kernels end with the service): it is stopped."""
+        try:
+            await proc.kill()
+        finally:
+            await proc.cleanup()
+        return False
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Remove everything this backend started that is still around."""
 

@@ -90,6 +90,7 @@ from .docker_spec import (
 )
 from .docker_watch import DeathWatcher
 from .hostpath import HostPaths
+from .kept import DB_NAME, kept_containers
 from .launch import TEMPLATE_SOCKET, tree_pss
 
 __all__ = [
@@ -274,6 +275,7 @@ class DockerBackend(KernelBackend):
         host_paths: HostPaths | None = None,
         runtime: str | None = None,
         orphan_watcher: bool = True,
+        sessions_db: Path | None = None,
     ) -> None:
         super().__init__(config)
         self.image = image
@@ -285,6 +287,10 @@ class DockerBackend(KernelBackend):
         self._kernels: dict[str, DockerKernel] = {}
         self._lock = threading.Lock()
         self._closed = False
+        #: the session registry (backends/kept.py): containers it names are not orphans
+        self.sessions_db = sessions_db
+        #: containers of ours handed over to the next service (see `detach`)
+        self._detached: set[str] = set()
 
         try:
             found = self.client.images.get(image)
@@ -345,13 +351,14 @@ class DockerBackend(KernelBackend):
             host_paths = HostPaths.fixed(settings.data_dir, settings.host_data_dir)
         # Kernel sockets next to the sessions' files: for a service in a container, on the
         # volume the engine binds into kernels, where a restarted service finds the locks that
-        # tell it which kernels are orphans.
+        # tell it which kernels are orphans, and the sessions whose kernels are not.
         return cls(
             config,
             image=settings.image,
             runtime_root=settings.data_dir / "run",
             host_paths=host_paths,
             runtime=settings.docker_runtime,
+            sessions_db=settings.data_dir / DB_NAME,
         )
 
     def _start_reaper(self, own_client: bool) -> subprocess.Popen | None:
@@ -361,9 +368,12 @@ class DockerBackend(KernelBackend):
         watcher makes again."""
         if not own_client:
             return None
+        argv = [str(self._lock_path), self.instance]
+        if self.sessions_db is not None:
+            argv.append(str(self.sessions_db))  # its sessions' containers are spared
         return subprocess.Popen(
             # -P: not its own directory first on sys.path, where docker.py would shadow docker-py
-            [sys.executable, "-P", str(REAPER_SCRIPT), str(self._lock_path), self.instance],
+            [sys.executable, "-P", str(REAPER_SCRIPT), *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
@@ -552,10 +562,30 @@ class DockerBackend(KernelBackend):
     def reap_orphans(self) -> list[str]:
         """Remove containers whose owning service is gone; returns their names (see
         docker_orphans.reap_orphans for how an owner is known to be gone)."""
-        return reap_orphans(self.client, self.instance, self.host_paths, self._remove)
+        return reap_orphans(
+            self.client,
+            self.instance,
+            self.host_paths,
+            self._remove,
+            keep=kept_containers(self.sessions_db),
+        )
 
     def _owner_gone(self, labels: dict[str, str], held: dict[str, int]) -> bool:
         return owner_gone(self.client, labels, held)
+
+    async def detach(self, proc: KernelProcess) -> bool:
+        """Leave `proc`'s container running for the next service (which re-attaches to it
+        through its session's record): this backend forgets it, and neither `close` nor the
+        watcher process removes it. Its runtime directory stays, sockets and all."""
+        if not isinstance(proc, DockerKernel) or await proc.poll() is not None:
+            return await super().detach(proc)
+        for task in (proc._sealer, proc._poller):
+            if task is not None:
+                task.cancel()
+        with self._lock:
+            self._detached.add(proc.container_id)
+        self._forget(proc)
+        return True
 
     # -- close -------------------------------------------------------------------------------
 
@@ -572,8 +602,11 @@ class DockerBackend(KernelBackend):
 
         await asyncio.gather(*(stop(k) for k in kernels))
         self._closed = True
-        # Anything of ours the registry missed (a start interrupted mid-way).
+        # Anything of ours the registry missed (a start interrupted mid-way), but not what
+        # was handed over to the next service.
         for container in await self._call(self.containers):
+            if container.id in self._detached:
+                continue
             with contextlib.suppress(DockerException):
                 await self._call(self._remove, container.id)
         self._watcher.close()

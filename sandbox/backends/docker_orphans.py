@@ -36,10 +36,15 @@ log = logging.getLogger(__name__)
 
 
 def reap_orphans(
-    client: Any, instance: str, host_paths: HostPaths, remove: Callable[[str], None]
+    client: Any,
+    instance: str,
+    host_paths: HostPaths,
+    remove: Callable[[str], None],
+    keep: set[str] | frozenset[str] = frozenset(),
 ) -> list[str]:
     """Remove containers whose owning service is gone (any but backend `instance`'s, with
-    `remove`); returns their names.
+    `remove`), except those in `keep` (the kernels of registered sessions, which a restarted
+    service re-attaches to: see backends/kept.py); returns their names.
 
     The owner of a container is a backend in some process. It is gone when:
       - the host has rebooted since (boot id differs): nothing of it can be running; or
@@ -68,7 +73,7 @@ def reap_orphans(
         for container in found:
             labels = container.labels
             owner = labels.get(LABEL_INSTANCE, "")
-            if owner == instance:
+            if owner == instance or container.id in keep:
                 continue
             if owner not in verdicts:
                 verdicts[owner] = owner_gone(client, labels, held)

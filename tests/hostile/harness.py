@@ -145,7 +145,7 @@ class Service:
 
     def workdir_of(self, sid: str) -> Path:
         """A session's working directory, as the host sees it."""
-        found = list(self.data_dir.glob(f"instance-*/{sid}/work"))
+        found = list(self.data_dir.glob(f"sessions/{sid}/work"))
         assert len(found) == 1, found
         return found[0]
 
@@ -223,8 +223,20 @@ def service(request) -> Iterator[Service]:
     finally:
         if svc.prober.__dict__.get("_thread"):
             svc.prober.stop()
+        _end_sessions(svc)
         stop_service(svc)
         _assert_nothing_left(svc)
+
+
+def _end_sessions(svc: Service) -> None:
+    """Sessions outlive the service (their kernels, files and records): a test that must
+    leave nothing behind deletes them first, as a user would."""
+    if svc.proc.poll() is not None:
+        return
+    for key in (ATTACKER, BYSTANDER):
+        with svc.sync_client(key) as c:
+            for session in c.get("/v1/sessions").json():
+                c.delete(f"/v1/sessions/{session['id']}")
 
 
 def _assert_nothing_left(svc: Service) -> None:
@@ -233,7 +245,10 @@ def _assert_nothing_left(svc: Service) -> None:
         time.sleep(0.5)
     assert not svc.containers(), f"containers left: {[c.name for c in svc.containers()]}"
     assert not _mounts_under(svc.data_dir), f"mounts left: {_mounts_under(svc.data_dir)}"
+    # The registry (empty now) and the data directory's lock stay for the next service.
+    registry = {".lock", "sessions", "run"} | {f"sessions.db{x}" for x in ("", "-wal", "-shm")}
     left = [p for p in svc.data_dir.rglob("*")] if svc.data_dir.exists() else []
+    left = [p for p in left if str(p.relative_to(svc.data_dir)) not in registry]
     assert not left, f"files left in the data directory: {left[:10]}"
     # uvicorn re-raises SIGTERM once it has shut down gracefully.
     assert svc.proc.returncode == -signal.SIGTERM, f"the service ended with {svc.proc.returncode}"
