@@ -411,6 +411,8 @@ def harden() -> dict[str, int]:
         os.umask(int(cfg["KERNELBOX_UMASK"], 8))
     if cfg["KERNELBOX_UNSHARE_NET"] == "1":
         unshare_network()
+        if cfg["KERNELBOX_RUN_AS"]:  # the user namespace it took for that gave every capability
+            drop_capabilities()
     rlimits = json.loads(cfg["KERNELBOX_RLIMITS"] or "{}")
     if rlimits:
         apply_rlimits(rlimits)

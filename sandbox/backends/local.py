@@ -297,13 +297,15 @@ class LocalBackend(KernelBackend):
 
     async def start(self, workdir: Path, env: dict[str, str] | None = None) -> KernelProcess:
         if self.forks_kernels:
-            template = await self.template.ready()
+            # Not waiting for a template that is starting (its imports take longer than a
+            # spawn): this kernel is spawned meanwhile.
+            template = await self.template.ready(wait=False)
             if template is not None:
                 try:
                     return await self._fork(template, workdir, env or {})
                 except (OSError, RuntimeError, TimeoutError) as exc:
                     # A dead template is replaced on the next start; this kernel is spawned.
-                    log.warning("kernel not forked (%s); spawning it", exc)
+                    log.warning("kernel not forked (%s); spawning it", exc, exc_info=True)
         return await self._spawn(workdir, env)
 
     async def _fork(self, template: LocalKernel, workdir: Path, extra: dict[str, str]):

@@ -188,10 +188,10 @@ class KernelTemplate:
         self._retry_at = 0.0
         self.restarts = 0
 
-    @property
-    def socket(self) -> Path:
-        assert self.handle is not None and self.handle.init_pid is not None
-        return host_path(self.handle.init_pid, SANDBOX_RUNTIME) / TEMPLATE_SOCKET
+    @staticmethod
+    def socket_of(handle: LocalKernel) -> Path:
+        assert handle.init_pid is not None
+        return host_path(handle.init_pid, SANDBOX_RUNTIME) / TEMPLATE_SOCKET
 
     async def ready(self, wait: bool = True) -> LocalKernel | None:
         """The running template; starts one if there is none. `wait`: until it serves (else
@@ -221,23 +221,27 @@ class KernelTemplate:
 
     async def _start(self) -> LocalKernel:
         handle = await self.backend.launch_kernel_template()
-        self.handle = handle
         deadline = time.monotonic() + self.backend.config.start_timeout
-        while True:  # it listens once its imports are done
-            if handle._proc.returncode is not None:
-                await self._remove()
-                raise RuntimeError(f"it exited: {handle.log_tail(1000)}")
-            if self.socket.exists():
-                self.last_error = None
-                return handle
-            if time.monotonic() > deadline:
-                await self._remove()
-                raise TimeoutError("it did not listen in time")
-            await asyncio.sleep(0.02)
+        try:
+            while True:  # it listens once its imports are done
+                if handle._proc.returncode is not None:
+                    raise RuntimeError(f"it exited: {handle.log_tail(1000)}")
+                if self.socket_of(handle).exists():
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("it did not listen in time")
+                await asyncio.sleep(0.02)
+        except BaseException:
+            await self._remove(handle)
+            raise
+        self.last_error = None
+        self.handle = handle  # only now: a template that does not serve yet is none
+        return handle
 
-    async def _remove(self) -> None:
-        if self.handle is not None:
+    async def _remove(self, handle: LocalKernel | None = None) -> None:
+        if handle is None:
             handle, self.handle = self.handle, None
+        if handle is not None:
             await handle.kill()
             await handle.cleanup()
 
@@ -268,7 +272,7 @@ class KernelTemplate:
         fds: list[int] = [out_w]
         try:
             fds += [memfd_with(json.dumps(request).encode()), detached_mount(workdir)]
-            await loop.sock_connect(conn, str(self.socket))
+            await loop.sock_connect(conn, str(self.socket_of(template)))
             # (the order the template expects: request, workdir, output)
             rights = struct.pack("3i", fds[1], fds[2], fds[0])
             conn.sendmsg(
