@@ -181,8 +181,12 @@ def build_sandbox(header: dict, request: dict, workdir_fd: int) -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for path in SCRATCH:
-        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={header['tmp_bytes']}")
-    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={header['shm_bytes']}")
+        _mount(
+            "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={header['tmp_bytes']}"
+        )
+    _mount(
+        "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={header['shm_bytes']}"
+    )
     runtime = f"mode=1777,size={header['runtime_bytes']}"
     _mount("tmpfs", SANDBOX_RUNTIME, "tmpfs", MS_NOSUID | MS_NODEV, runtime)
     for target, text in request["files"].items():
@@ -313,9 +317,7 @@ def serve(listener: socket.socket) -> None:
         conn, _ = listener.accept()
         fds: list[int] = []
         try:
-            data, ancdata, _flags, _addr = conn.recvmsg(
-                64 * 1024, socket.CMSG_SPACE(N_FDS * 4)
-            )
+            data, ancdata, _flags, _addr = conn.recvmsg(64 * 1024, socket.CMSG_SPACE(N_FDS * 4))
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     n = len(payload) // 4

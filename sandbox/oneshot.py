@@ -1,7 +1,8 @@
 """One-shot kernels: a fresh kernel for one caller, discarded (kernel and files) after: a warm
 one from the pool (which starts a replacement), or, where the backend forks kernels (a start
-in milliseconds), one forked for it alone, so one-shot runs never drain the sessions' pool. Each counts as one of the owner's one-shot runs and
-against the slots (its own and the service's)."""
+in milliseconds), one forked for it alone, so one-shot runs never drain the sessions' pool.
+Each counts as one of the owner's one-shot runs and against the slots (its own and the
+service's)."""
 
 from __future__ import annotations
 

@@ -91,10 +91,14 @@ async def test_a_forked_kernel_is_a_full_kernel(forking, tmp_path):
         # the preload and inline plots, as in a spawned kernel
         plot = await _run(session, "plt.plot([1, 2, 3]); plt.show()")
         assert plot.images, plot
-        shown = await _run(session, "from IPython.display import display, HTML\ndisplay(HTML('<b>x</b>'))")
+        shown = await _run(
+            session, "from IPython.display import display, HTML\ndisplay(HTML('<b>x</b>'))"
+        )
         assert any("text/html" in r.data for r in shown.results), shown
         # an interrupt stops a busy cell, and the kernel goes on
-        running = asyncio.ensure_future(session.execute("import time\nwhile True: time.sleep(0.01)", 60, None))
+        running = asyncio.ensure_future(
+            session.execute("import time\nwhile True: time.sleep(0.01)", 60, None)
+        )
         await asyncio.sleep(1.0)
         assert await session.interrupt()
         interrupted = await asyncio.wait_for(running, 30)
@@ -246,7 +250,10 @@ async def test_no_process_is_left_behind(tmp_path):
     backend = LocalBackend(kernels="forked")
     assert await backend.template.ready() is not None, backend.template.last_error
     sessions = [await _session(backend, tmp_path, f"s{i}") for i in range(3)]
-    await _run(sessions[0], "import subprocess\np = subprocess.Popen(['sleep', '1000'], start_new_session=True)")
+    await _run(
+        sessions[0],
+        "import subprocess\np = subprocess.Popen(['sleep', '1000'], start_new_session=True)",
+    )
     pids = [s.kernel.proc.init_pid for s in sessions]
     await sessions[1].close()
     await _until(lambda: not psutil.pid_exists(pids[1]), 10, "a closed session's PID 1 gone")

@@ -58,8 +58,6 @@ from .bwrap import (
     isolation_report,
     passwd_files,
 )
-from .local_forked import TEMPLATE_SOCKET as TEMPLATE_SOCKET_KT
-from .local_forked import KernelTemplate
 from .launch import (
     FORKSERVER_BOOT,
     KERNEL_BOOT,
@@ -72,6 +70,8 @@ from .launch import (
     template_env,
     tree_pss,
 )
+from .local_forked import TEMPLATE_SOCKET as TEMPLATE_SOCKET_KT
+from .local_forked import KernelTemplate
 
 log = logging.getLogger(__name__)
 
