@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from kernelbox_server.sandbox.backends.local_forked import ForkedKernel
 from kernelbox_server.sandbox.session import KernelSession, SessionOptions
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or LocalBackend().forks_kernels is False,
+    os.geteuid() != 0 or shutil.which("bwrap") is None,
     reason="forked kernels need a root service with bwrap",
 )
 
