@@ -206,18 +206,25 @@ class KernelTemplate:
             if time.monotonic() < self._retry_at:
                 return None
             self._starting = asyncio.ensure_future(self._start())
+            self._starting.add_done_callback(self._started)
         if not wait and not self._starting.done():
             return None
         try:
             return await asyncio.shield(self._starting)
-        except Exception as exc:
-            self.last_error = f"{exc.__class__.__name__}: {exc}"
-            self._retry_at = time.monotonic() + 5.0
-            log.warning("kernel template did not start (%s); spawning kernels", self.last_error)
-            return None
+        except Exception:
+            return None  # said by _started; kernels are spawned
         finally:
             if self._starting is not None and self._starting.done():
                 self._starting = None
+
+    def _started(self, task: asyncio.Task[LocalKernel]) -> None:
+        """Said even when no start awaits it (a start that did not wait for the template)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.last_error = f"{exc.__class__.__name__}: {exc}"
+        self._retry_at = time.monotonic() + 5.0  # kernels are spawned until then
+        log.warning("kernel template did not start (%s); spawning kernels", self.last_error)
 
     async def _start(self) -> LocalKernel:
         handle = await self.backend.launch_kernel_template()
