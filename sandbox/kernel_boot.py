@@ -379,36 +379,60 @@ def _use_cjk_fallback_fonts() -> None:
         rcParams["axes.unicode_minus"] = False
 
 
-def main(argv: list[str]) -> None:
-    run_as = _pop_env("KERNELBOX_RUN_AS")
-    if run_as:
-        enter_sandbox(run_as)
-    mpl_cache = _pop_env("KERNELBOX_MPL_CACHE")
-    if mpl_cache:
-        seed_matplotlib_cache(mpl_cache)
-    rlimits = json.loads(_pop_env("KERNELBOX_RLIMITS") or "{}")
-    want_netns = _pop_env("KERNELBOX_UNSHARE_NET") == "1"
-    output_cap = int(_pop_env("KERNELBOX_OUTPUT_CAP") or 200_000)
-    image_cap = int(_pop_env("KERNELBOX_IMAGE_CAP") or 8 * 1024**2)
-    umask = _pop_env("KERNELBOX_UMASK")
-    parent = _pop_env("KERNELBOX_PARENT_PID")
-    if parent:
-        die_with_parent(int(parent))
-    nice = _pop_env("KERNELBOX_NICE")
-    if nice:
-        os.nice(int(nice))
-    if umask:
-        os.umask(int(umask, 8))
-    if want_netns:
+#: what harden() reads, each popped from the environment (see the module's docstring)
+BOOT_VARS = (
+    "KERNELBOX_RUN_AS",
+    "KERNELBOX_MPL_CACHE",
+    "KERNELBOX_RLIMITS",
+    "KERNELBOX_UNSHARE_NET",
+    "KERNELBOX_OUTPUT_CAP",
+    "KERNELBOX_IMAGE_CAP",
+    "KERNELBOX_UMASK",
+    "KERNELBOX_NICE",
+    "KERNELBOX_PARENT_PID",
+)
+
+
+def harden() -> dict[str, int]:
+    """Per-kernel isolation, from the KERNELBOX_* variables (removed once read): the uid and
+    user namespace, death with the parent, niceness, umask, a network namespace, rlimits.
+    Returns what run_kernel needs (the output caps). Run by a spawned kernel first thing, and
+    by a kernel forked from a template (kernel_template_boot.py) once its mounts are made."""
+    cfg = {name: _pop_env(name) for name in BOOT_VARS}
+    if cfg["KERNELBOX_RUN_AS"]:
+        enter_sandbox(cfg["KERNELBOX_RUN_AS"])
+    if cfg["KERNELBOX_MPL_CACHE"]:
+        seed_matplotlib_cache(cfg["KERNELBOX_MPL_CACHE"])
+    if cfg["KERNELBOX_PARENT_PID"]:
+        die_with_parent(int(cfg["KERNELBOX_PARENT_PID"]))
+    if cfg["KERNELBOX_NICE"]:
+        os.nice(int(cfg["KERNELBOX_NICE"]))
+    if cfg["KERNELBOX_UMASK"]:
+        os.umask(int(cfg["KERNELBOX_UMASK"], 8))
+    if cfg["KERNELBOX_UNSHARE_NET"] == "1":
         unshare_network()
+        if cfg["KERNELBOX_RUN_AS"]:  # the user namespace it took for that gave every capability
+            drop_capabilities()
+    rlimits = json.loads(cfg["KERNELBOX_RLIMITS"] or "{}")
     if rlimits:
         apply_rlimits(rlimits)
+    return {
+        "output_cap": int(cfg["KERNELBOX_OUTPUT_CAP"] or 200_000),
+        "image_cap": int(cfg["KERNELBOX_IMAGE_CAP"] or 8 * 1024**2),
+    }
 
+
+def run_kernel(argv: list[str], caps: dict[str, int]) -> None:
+    """Start ipykernel (this process becomes the kernel; returns when it ends) with the
+    output caps, display caps and the rest of what every session gets."""
     from ipykernel.kernelapp import IPKernelApp
 
+    output_cap, image_cap = caps["output_cap"], caps["image_cap"]
     app = IPKernelApp.instance()
-    # No banner, no "to connect another client" chatter; Ctrl-C interrupts the cell.
-    app.initialize([*argv, "--IPKernelApp.quiet=True"])
+    # No banner, no "to connect another client" chatter; Ctrl-C interrupts the cell. History
+    # in memory: IPython's sqlite file costs a thread and a write per cell, and nothing reads
+    # it back (a session's history is kept by the service).
+    app.initialize([*argv, "--IPKernelApp.quiet=True", "--HistoryManager.hist_file=:memory:"])
     shell = app.shell
 
     out, err = sys.stdout, sys.stderr
@@ -444,6 +468,10 @@ def main(argv: list[str]) -> None:
     app.kernel._no_raw_input = _no_input  # input() with allow_stdin=False
     preload(shell)
     app.start()
+
+
+def main(argv: list[str]) -> None:
+    run_kernel(argv, harden())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""One-shot kernels: a fresh warm kernel for one caller, discarded (kernel and files) after,
-while the pool starts a replacement. Each counts as one of the owner's one-shot runs and
-against the slots (its own and the service's)."""
+"""One-shot kernels: a fresh kernel for one caller, discarded (kernel and files) after: a warm
+one from the pool (which starts a replacement), or, where the backend forks kernels (a start
+in milliseconds), one forked for it alone, so one-shot runs never drain the sessions' pool.
+Each counts as one of the owner's one-shot runs and against the slots (its own and the
+service's)."""
 
 from __future__ import annotations
 
@@ -26,11 +28,17 @@ class OneShotKernels:
         self._make_session = make_session
 
     @contextlib.asynccontextmanager
-    async def throwaway(self, owner: str) -> AsyncIterator[KernelSession]:
+    async def throwaway(
+        self, owner: str, fresh: bool | None = None
+    ) -> AsyncIterator[KernelSession]:
+        """`fresh`: a kernel started for this caller, not the pool's (default: where the
+        backend forks kernels)."""
+        if fresh is None:
+            fresh = self.pool.backend.forks_kernels
         async with self.slots.run(owner):
             await self.slots.take(owner)
             try:
-                warm = await self.pool.acquire()
+                warm = await (self.pool.fresh() if fresh else self.pool.acquire())
                 session = self._make_session(warm)
                 try:
                     yield session

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     # local backend: each kernel in a bubblewrap sandbox. auto: where bwrap works, else plain
     # processes with loud warnings; bwrap: refuse to start without it; none: plain processes
     local_sandbox: Literal["auto", "bwrap", "none"] = "auto"
+    # local backend: kernels forked from a warm template (ready in tens of milliseconds,
+    # most of their memory shared) or spawned as new interpreters. auto: forked where the
+    # service is root with bwrap, else spawned
+    local_kernels: Literal["auto", "forked", "spawned"] = "auto"
     # start with several API keys even where the backend cannot keep their kernels apart
     allow_weak_isolation: bool = False
 

@@ -44,7 +44,7 @@ def workdir():
         yield path
 
 
-BOOT_SCRIPTS = ("kernel_boot.py", "forkserver_boot.py")
+BOOT_SCRIPTS = ("kernel_boot.py", "forkserver_boot.py", "kernel_template_boot.py")
 
 
 def _our_kernels() -> list[psutil.Process]:

@@ -553,7 +553,11 @@ def test_kernels_die_with_a_killed_service(tmp_path):
         kernels = [
             p
             for p in psutil.Process(server.pid).children(recursive=True)
-            if any("kernel_boot.py" in part for part in p.cmdline())
+            if any(
+                s in part
+                for part in p.cmdline()
+                for s in ("kernel_boot.py", "kernel_template_boot")
+            )
         ]
         assert len(kernels) >= 2
         server.send_signal(signal.SIGKILL)

@@ -157,6 +157,9 @@ class KernelBackend(abc.ABC):
     name: str = "abstract"
     #: the `file_owner` of this backend's kernels, where all have the same
     file_owner: tuple[int, int] | None = None
+    #: whether `start` forks kernels from a warm template (milliseconds each, little memory):
+    #: then a throwaway kernel (/run_jupyter) is started fresh, not taken from the pool
+    forks_kernels: bool = False
 
     def __init__(self, config: KernelConfig | None = None) -> None:
         self.config = config or KernelConfig()

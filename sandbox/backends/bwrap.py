@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 BOOT_DIR = "/opt/kernelbox"
 MPL_CACHE = f"{BOOT_DIR}/matplotlib"
 BOOT_SOURCES = Path(__file__).resolve().parent.parent  # kernel_boot.py, forkserver_boot.py
-BOOT_FILES = ("kernel_boot.py", "forkserver_boot.py")
+BOOT_FILES = ("kernel_boot.py", "forkserver_boot.py", "kernel_template_boot.py")
 # The /etc entries a Python with the data stack reads (the loader's cache, name service
 # switch, time zone, certificates, fonts, Debian's alternatives, MIME types, ...), where they
 # exist. The host's others (shadow, the service's own configuration) stay out.

@@ -70,6 +70,8 @@ from .launch import (
     template_env,
     tree_pss,
 )
+from .local_forked import TEMPLATE_SOCKET as TEMPLATE_SOCKET_KT
+from .local_forked import KernelTemplate
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +249,7 @@ class LocalBackend(KernelBackend):
         private_network: bool = True,
         python: str = sys.executable,
         sandbox: Literal["auto", "bwrap", "none"] = "auto",
+        kernels: Literal["auto", "forked", "spawned"] = "auto",
     ) -> None:
         super().__init__(config)
         self.python = python
@@ -266,12 +269,22 @@ class LocalBackend(KernelBackend):
         self._mpl_dir = self.runtime_root / "matplotlib"
         self._mpl_dir.mkdir(exist_ok=True)
         self._mpl_task: asyncio.Task[bool] | None = None
-        self._kernels: set[LocalKernel] = set()
+        self._kernels: set[KernelProcess] = set()
+        # Forked kernels need what only a root service with bwrap has (a uid per session, and
+        # open_tree to hand a working directory into another mount namespace).
+        can_fork = self.bwrap is not None and self.uids is not None
+        if kernels == "forked" and not can_fork:
+            raise RuntimeError("KERNELBOX_LOCAL_KERNELS=forked needs a root service with bwrap")
+        self.forks_kernels = can_fork and kernels != "spawned"
+        self.template = KernelTemplate(self)
 
     @classmethod
     def from_settings(cls, config: KernelConfig, settings: Any) -> LocalBackend:
         return cls(
-            config, python=settings.kernel_python or sys.executable, sandbox=settings.local_sandbox
+            config,
+            python=settings.kernel_python or sys.executable,
+            sandbox=settings.local_sandbox,
+            kernels=settings.local_kernels,
         )
 
     @property
@@ -282,7 +295,72 @@ class LocalBackend(KernelBackend):
     def isolation(self) -> dict:
         return self._isolation
 
-    async def start(self, workdir: Path, env: dict[str, str] | None = None) -> LocalKernel:
+    async def start(self, workdir: Path, env: dict[str, str] | None = None) -> KernelProcess:
+        if self.forks_kernels:
+            # Not waiting for a template that is starting (its imports take longer than a
+            # spawn): this kernel is spawned meanwhile.
+            template = await self.template.ready(wait=False)
+            if template is not None:
+                try:
+                    return await self._fork(template, workdir, env or {})
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    # A dead template is replaced on the next start; this kernel is spawned.
+                    log.warning("kernel not forked (%s); spawning it", exc, exc_info=True)
+        return await self._spawn(workdir, env)
+
+    async def _fork(self, template: LocalKernel, workdir: Path, extra: dict[str, str]):
+        """A kernel forked from the template, with what a spawned one gets from its bwrap
+        command line and environment (see local_forked.py)."""
+        assert self.uids is not None
+        cfg = self.config
+        uid = gid = self.uids.take(workdir)
+        if os.lstat(workdir).st_uid != uid:  # first seen: make what is there its own
+            await asyncio.to_thread(give_tree, workdir, (uid, gid))
+        inside = Path(SANDBOX_RUNTIME)
+        info = new_connection_info(inside)
+        kenv = kernel_env(cfg, Path(SANDBOX_WORKDIR), inside, extra)
+        kenv.update({k: v for k, v in SANDBOX_SCRATCH.items() if k not in cfg.env | extra})
+        kenv["KERNELBOX_RLIMITS"] = json.dumps(rlimits_for(cfg.limits, per_sandbox=True))
+        kenv.update(boot_env(cfg))
+        kenv["KERNELBOX_UNSHARE_NET"] = "1"  # bwrap's --unshare-net, made by the kernel
+        kenv["KERNELBOX_RUN_AS"] = f"{uid}:{gid}"
+        files = {f"{inside}/connection.json": json.dumps(info)}
+        files.update({k: v.decode() for k, v in passwd_files(uid, gid).items()})
+        request = {
+            "argv": ["-f", f"{inside}/connection.json"],
+            "env": kenv,
+            "files": files,
+            "run_as": f"{uid}:{gid}",
+        }
+        kernel = await self.template.fork(
+            template, workdir=workdir, request=request, info=info, file_owner=(uid, gid)
+        )
+        self._kernels.add(kernel)
+        return kernel
+
+    async def launch_kernel_template(self) -> LocalKernel:
+        """The kernel template (kernel_template_boot.py) in a sandbox like a kernel's; root
+        with CAP_SETUID, CAP_SETGID and CAP_SYS_ADMIN, which each fork drops (see there)."""
+        empty = Path(tempfile.mkdtemp(prefix="kt-", dir=self.runtime_root))
+        env = kernel_env(self.config, Path("/tmp"), Path("/tmp"), {})
+        env.update({k: v for k, v in SANDBOX_SCRATCH.items() if k not in self.config.env})
+        env["HOME"] = "/tmp"
+        argv = [self.python, f"{BOOT_DIR}/kernel_template_boot.py"]
+        argv += ["--socket", f"{SANDBOX_RUNTIME}/{TEMPLATE_SOCKET_KT}"]
+        # `empty` only gives each fork a mountpoint for its working directory.
+        handle = await self._launch(
+            argv,
+            env,
+            binds=[Bind(empty, SANDBOX_WORKDIR)],
+            template=True,
+            run_as=False,
+            kind=LocalTemplate,
+        )
+        assert isinstance(handle, LocalTemplate)
+        handle.scratch = empty
+        return handle
+
+    async def _spawn(self, workdir: Path, env: dict[str, str] | None = None) -> LocalKernel:
         cfg = self.config
         extra = env or {}
         if self.bwrap is None:
@@ -373,6 +451,8 @@ class LocalBackend(KernelBackend):
         info: dict | None = None,
         template: bool = False,
         kind: type[LocalKernel] = LocalKernel,
+        binds: list[Bind] | None = None,
+        run_as: bool = True,
     ) -> LocalKernel:
         """Start one process of ours (a kernel, or a fork server's template): its own process
         group, dying with the service, killed by `close`.
@@ -412,7 +492,16 @@ class LocalBackend(KernelBackend):
             )
         else:
             kernel = await self._launch_sandboxed(
-                argv, env, workdir, owner or workdir, files or {}, info, template, kind
+                argv,
+                env,
+                workdir,
+                owner or workdir,
+                files or {},
+                info,
+                template,
+                kind,
+                binds or [],
+                run_as,
             )
         self._kernels.add(kernel)
         return kernel
@@ -427,17 +516,20 @@ class LocalBackend(KernelBackend):
         info: dict | None,
         template: bool,
         kind: type[LocalKernel],
+        extra_binds: list[Bind],
+        run_as: bool,
     ) -> LocalKernel:
         assert self.bwrap is not None
         python_paths = await interpreter_paths(self.python)
         binds = [Bind(workdir, SANDBOX_WORKDIR, writable=True)] if workdir is not None else []
+        binds += extra_binds
         env = dict(env)
         if await self._font_cache(python_paths):
             binds.append(Bind(self._mpl_dir, MPL_CACHE))
             env["KERNELBOX_MPL_CACHE"] = MPL_CACHE
         uid, gid = os.getuid(), os.getgid()
         file_owner = None
-        if self.uids is not None:
+        if self.uids is not None and run_as:
             assert owner is not None, "a root service's sandbox needs a directory to own"
             uid = gid = self.uids.take(owner)
             env["KERNELBOX_RUN_AS"] = f"{uid}:{gid}"
