@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ async def main(backends: list[str], rounds: int, cold_starts: int) -> None:
             await session.close()
         for s in series.values():
             await s.backend.close()
+        shutil.rmtree(root)
 
     print(f"### Engine ({', '.join(backends)} backend{'s' * (len(backends) > 1)})\n")
     print(row("backend", "measure", "p50 ms", "p99 ms", "n"))

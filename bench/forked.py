@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -108,6 +109,7 @@ async def run_jupyter(kernels: str, concurrency: list[int], requests: int) -> di
     finally:
         server.terminate()
         server.wait(60)
+        shutil.rmtree(data)
     return out
 
 
@@ -139,6 +141,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         await forked.close()
         await spawned.close()
+        shutil.rmtree(root)
     results = {k: await run_jupyter(k, concurrency, args.requests) for k in ("forked", "spawned")}
     for c in concurrency:
         f, s = results["forked"][c], results["spawned"][c]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,6 +227,7 @@ def service(request) -> Iterator[Service]:
         _end_sessions(svc)
         stop_service(svc)
         _assert_nothing_left(svc)
+        shutil.rmtree(data_dir.parent)
 
 
 def _end_sessions(svc: Service) -> None:
