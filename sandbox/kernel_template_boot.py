@@ -28,7 +28,8 @@ One connection per kernel:
 The template never reads a request (the child does), so its memory, which every later kernel
 inherits, holds nothing of any session. Per kernel, the child (PID 1 of a fresh PID namespace,
 the namespace's reaper) makes a mount namespace: a /proc of its own PID namespace; fresh /tmp,
-/mnt, /data, /dev/shm and /run/kernelbox (sockets, connection file); /etc/passwd and
+/mnt, /data, /dev/shm (what the template had mounted inside them, such as a Python environment
+under /tmp, bound back read-only) and /run/kernelbox (sockets, connection file); /etc/passwd and
 /etc/group naming the session's uid; the working directory at /home/sandbox/work; and a fresh
 IPC namespace. It then forks the kernel (PID 2), drops to the session's uid itself and waits.
 The kernel calls kernel_boot.harden() (the session's uid, a user namespace of its own with no
@@ -174,12 +175,45 @@ def threads() -> int:
 # -- the child: PID 1 of the kernel's namespace -------------------------------------------------
 
 
+def _mounts_below(paths: tuple[str, ...]) -> list[tuple[str, int]]:
+    """The template's mounts inside the scratch directories (the Python environment, when it
+    lives under /tmp or /data, bound there as bwrap binds it for a spawned kernel), each with
+    an O_PATH handle on it: the fresh tmpfs mounted over them next would hide them."""
+    with open("/proc/self/mountinfo") as f:
+        # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+        points = [
+            line.split()[4].encode().decode("unicode_escape").encode("latin-1").decode()
+            for line in f
+        ]
+    below = sorted({p for p in points if any(p.startswith(d + "/") for d in paths)}, key=len)
+    outermost: list[str] = []
+    for point in below:  # the nested ones come along with their parent (MS_REC)
+        if not any(point.startswith(parent + "/") for parent in outermost):
+            outermost.append(point)
+    return [(point, os.open(point, os.O_PATH | os.O_NOFOLLOW)) for point in outermost]
+
+
+def _restore_mounts(kept: list[tuple[str, int]]) -> None:
+    """Bind what `_mounts_below` found back at its place on the fresh tmpfs, read-only."""
+    for point, handle in kept:
+        if os.path.isdir(f"/proc/self/fd/{handle}"):
+            os.makedirs(point, mode=0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(point), mode=0o755, exist_ok=True)
+            os.close(os.open(point, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o444))
+        _mount(f"/proc/self/fd/{handle}", point, None, MS_BIND | MS_REC)
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+        _mount(None, point, None, flags)
+        os.close(handle)
+
+
 def build_sandbox(header: dict, request: dict, workdir_fd: int) -> None:
     """As root, in a fresh mount namespace: what a bwrap sandbox of its own would give the
     kernel (see the module's docstring)."""
     check_libc(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS|CLONE_NEWIPC)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    kept = _mounts_below((*SCRATCH, "/dev/shm"))
     for path in SCRATCH:
         _mount(
             "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={header['tmp_bytes']}"
@@ -187,6 +221,7 @@ def build_sandbox(header: dict, request: dict, workdir_fd: int) -> None:
     _mount(
         "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={header['shm_bytes']}"
     )
+    _restore_mounts(kept)
     runtime = f"mode=1777,size={header['runtime_bytes']}"
     _mount("tmpfs", SANDBOX_RUNTIME, "tmpfs", MS_NOSUID | MS_NODEV, runtime)
     for target, text in request["files"].items():

@@ -268,3 +268,38 @@ def _running(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.fixture
+def env_under_tmp():
+    """This test's Python environment, seen at a path under /tmp (a bind mount)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="kb-venv-", dir="/tmp")) / "env"
+    path.mkdir()
+    subprocess.run(["mount", "--bind", sys.prefix, str(path)], check=True)
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+    shutil.rmtree(path.parent)
+
+
+async def test_a_python_environment_under_tmp_is_still_there_in_a_fork(tmp_path, env_under_tmp):
+    """A fork mounts a fresh /tmp (and /mnt, /data) over the template's: an environment that
+    lives there (a clone under /tmp, a venv on /data) is bound back, read-only."""
+    backend = LocalBackend(kernels="forked", python=str(env_under_tmp / "bin" / "python"))
+    try:
+        assert await backend.template.ready() is not None, backend.template.last_error
+        session = await _session(backend, tmp_path, "a")
+        try:
+            assert isinstance(session.kernel.proc, ForkedKernel)
+            probe = (
+                "import sys, numpy, os\n"
+                "print(sys.prefix, os.access(sys.prefix, os.W_OK), os.access('/tmp', os.W_OK))"
+            )
+            assert (await _run(session, probe)).stdout == f"{env_under_tmp} False True\n"
+        finally:
+            await session.close()
+    finally:
+        await backend.close()
