@@ -99,5 +99,8 @@ async def seal_runtime_dir(
             return
         await asyncio.sleep(0.02)
     with contextlib.suppress(OSError):
-        os.chown(runtime_dir, os.geteuid(), os.getegid())
+        # Searchable first, then ours: the other order leaves a moment when the directory is
+        # the service's and still 0700, and the kernel, just past binding, stats its
+        # connection file in it (ipykernel's write_connection_file): EACCES, a failed start.
         os.chmod(runtime_dir, 0o755)
+        os.chown(runtime_dir, os.geteuid(), os.getegid())
