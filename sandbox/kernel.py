@@ -328,13 +328,7 @@ class Kernel:
             raise
         except Exception as exc:
             raise KernelStartError(f"the kernel could not be found again: {exc}") from exc
-        kernel = cls(proc, backend.config.max_message_bytes)
-        try:
-            await kernel._wait_ready(timeout)
-        except BaseException:
-            await kernel.shutdown()
-            raise
-        return kernel
+        return await cls._ready(proc, backend, timeout)
 
     async def detach(self, backend: KernelBackend) -> bool:
         """Let go of the kernel, leaving it running where the backend can (for the next
@@ -370,6 +364,11 @@ class Kernel:
             raise KernelStartError(
                 f"the {backend.name} backend could not start a kernel: {exc}"
             ) from exc
+        return await cls._ready(proc, backend, timeout)
+
+    @classmethod
+    async def _ready(cls, proc: KernelProcess, backend: KernelBackend, timeout: float) -> Kernel:
+        """A kernel over `proc` once it answers; `proc` is shut down if it never does."""
         kernel = cls(proc, backend.config.max_message_bytes)
         try:
             await kernel._wait_ready(timeout)
