@@ -15,10 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from kernelbox_server.sandbox.errors import SandboxError
-from kernelbox_server.sandbox.forkserver import ForkServer, RunRequest, RunResult
-from kernelbox_server.sandbox.manager import NotebookRun, SessionManager
+from kernelbox_server.sandbox.forkserver import RunRequest, RunResult
+from kernelbox_server.sandbox.manager import NotebookRun
 from kernelbox_server.sandbox.session import OnEvent
-from kernelbox_server.sandbox.workspace import Workspace
 from kernelbox_wire.models import (
     CreateSessionRequest,
     ErrorInfo,
@@ -34,6 +33,7 @@ from kernelbox_wire.models import (
 from kernelbox_wire.render import image_base64, render_message, render_text
 from kernelbox_wire.tools import InvalidArguments, extract_code
 
+from .engine import Engine, Files
 from .metrics import Metrics
 from .settings import Settings
 
@@ -46,36 +46,34 @@ class Application:
     def __init__(
         self,
         settings: Settings,
-        manager: SessionManager,
-        forkserver: ForkServer,
+        engine: Engine,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
-        self.manager = manager
-        self.forkserver = forkserver
+        #: this machine's engine, or the cluster's (the Ray mode): the same calls either way
+        self.engine = engine
         self.metrics = metrics
 
     # -- sessions ---------------------------------------------------------------------------
 
     async def create_session(self, owner: str, request: CreateSessionRequest) -> Session:
-        managed = await self.manager.create(
+        return await self.engine.create(
             owner, idle_timeout=request.idle_timeout, env=request.env, metadata=request.metadata
         )
-        return managed.to_model()
 
-    def list_sessions(self, owner: str) -> list[Session]:
-        return [m.to_model() for m in self.manager.list(owner)]
+    async def list_sessions(self, owner: str) -> list[Session]:
+        return await self.engine.list(owner)
 
-    def get_session(self, session_id: str, owner: str) -> Session:
-        return self.manager.get(session_id, owner).to_model()
+    async def get_session(self, session_id: str, owner: str) -> Session:
+        return await self.engine.get(session_id, owner)
 
     async def delete_session(self, session_id: str, owner: str) -> None:
-        await self.manager.delete(session_id, owner)
+        await self.engine.delete(session_id, owner)
 
-    def check_execute(self, session_id: str, owner: str, code: str) -> None:
+    async def check_execute(self, session_id: str, owner: str, code: str) -> None:
         """Raise now what `execute` would refuse at once (a stream cannot answer it later)."""
         self.check_code(code)
-        self.manager.check_idle(session_id, owner)
+        await self.engine.check_idle(session_id, owner)
 
     async def execute(
         self,
@@ -89,7 +87,7 @@ class Application:
         """Run code in the session; variables persist between calls."""
         self.check_code(request.code)
         started = time.perf_counter()
-        execution = await self.manager.execute(
+        execution = await self.engine.execute(
             session_id, owner, request.code, request.timeout, on_event
         )
         return self._finish(
@@ -97,22 +95,22 @@ class Application:
         )
 
     async def interrupt(self, session_id: str, owner: str) -> bool:
-        return await self.manager.interrupt(session_id, owner)
+        return await self.engine.interrupt(session_id, owner)
 
     async def restart(self, session_id: str, owner: str) -> Session:
-        return (await self.manager.restart(session_id, owner)).to_model()
+        return await self.engine.restart(session_id, owner)
 
     async def pause(self, session_id: str, owner: str) -> Session:
         """Free the session's kernel, keeping its variables and files for the next execute."""
-        return (await self.manager.pause(session_id, owner)).to_model()
+        return await self.engine.pause(session_id, owner)
 
-    def files(self, session_id: str, owner: str) -> Workspace:
+    def files(self, session_id: str, owner: str) -> Files:
         """The session's working directory, as the host may reach it (bounded, off the loop)."""
-        return self.manager.files(session_id, owner)
+        return self.engine.files(session_id, owner)
 
     async def notebook(self, session_id: str, owner: str) -> str:
         """The session's history as an .ipynb: its cells in order with their outputs."""
-        return await self.manager.notebook(session_id, owner)
+        return await self.engine.notebook(session_id, owner)
 
     # -- one-shot runs ----------------------------------------------------------------------
 
@@ -123,7 +121,7 @@ class Application:
         URLs (the run keeps no files)."""
         self.check_code(request.code)
         started = time.perf_counter()
-        execution = await self.manager.run_once(owner, request.code, request.timeout, on_event)
+        execution = await self.engine.run_once(owner, request.code, request.timeout, on_event)
         return self._finish(execution, started, fmt=request.format)
 
     async def run_program(self, owner: str, request: RunRequest) -> RunResult:
@@ -131,8 +129,7 @@ class Application:
         self.check_code(request.code)
         started = time.perf_counter()
         try:
-            async with self.manager.run_slot(owner):
-                result = await self.forkserver.run(request)
+            result = await self.engine.run_program(owner, request)
         except Exception:
             self.metrics.observe("error", time.perf_counter() - started)
             raise
@@ -155,7 +152,7 @@ class Application:
         """`cells` in order in one fresh kernel, then discarded."""
         for cell in cells:
             self.check_code(cell)
-        return await self.manager.run_notebook(
+        return await self.engine.run_notebook(
             owner,
             cells,
             total_timeout=total_timeout,
@@ -181,9 +178,9 @@ class Application:
         if request.session_id is None:
             # Short-lived unless used again: a model that never comes back must not hold a slot.
             idle = self.settings.tool_session_idle_timeout
-            session_id = (await self.manager.create(owner, idle_timeout=idle)).id
+            session_id = (await self.engine.create(owner, idle_timeout=idle)).id
         else:
-            session_id = self.manager.get(request.session_id, owner).id
+            session_id = (await self.engine.get(request.session_id, owner)).id
         started = time.perf_counter()
         if invalid is not None:
             execution = Execution(
@@ -192,7 +189,7 @@ class Application:
                 outputs=[OutputRef(type="error")],
             )
         else:
-            execution = await self.manager.execute(session_id, owner, code, request.timeout)
+            execution = await self.engine.execute(session_id, owner, code, request.timeout)
         execution = self._finish(execution, started, base_url=base_url, session_id=session_id)
         options = render_options(request.format, default_envelope="openai")
         message = render_message(execution, options, tool_call_id=request.tool_call_id)
@@ -200,23 +197,22 @@ class Application:
 
     # -- the service itself -----------------------------------------------------------------
 
-    def not_ready(self) -> str | None:
-        """Why the pool cannot serve a session now or soon (a backend that fails to start
-        kernels cannot), or None when it can."""
-        pool = self.manager.pool
-        return None if pool.ready else pool.last_error or "the pool is not ready"
-
-    def readiness(self) -> dict[str, Any]:
-        pool = self.manager.pool
-        return {
+    async def readiness(self) -> tuple[str | None, dict[str, Any]]:
+        """(why no session can be served now or soon, or None when one can; what /readyz
+        shows). A backend that fails to start kernels cannot serve."""
+        status = await self.engine.status()
+        report: dict[str, Any] = {
             "status": "ready",
-            "idle_kernels": pool.idle,
-            "isolation": self.manager.backend.isolation,
+            "idle_kernels": status.idle_kernels,
+            "isolation": status.isolation,
         }
+        if status.hosts:
+            report["hosts"] = status.hosts
+        return status.not_ready, report
 
-    def scrape(self) -> bytes:
+    async def scrape(self) -> bytes:
         """The Prometheus exposition of the service's metrics, as of now."""
-        return self.metrics.scrape(self.manager)
+        return self.metrics.scrape(await self.engine.status())
 
     # -- shared -----------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from kernelbox_server.sandbox.manager import SessionManager
+from .engine import EngineStatus
 
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()
@@ -41,17 +41,15 @@ class Metrics:
         )
         self._reaped_seen = 0
 
-    def scrape(self, manager: SessionManager) -> bytes:
-        """The exposition text, with what the engine counts read now (the only time it is
-        seen)."""
-        self._sync(manager)
+    def scrape(self, status: EngineStatus) -> bytes:
+        """The exposition text, with what the engine counts as of `status` (read now: the
+        only time it is seen)."""
+        self.sessions.set(status.sessions)
+        self.pool_idle.set(status.idle_kernels)
+        # A cluster's total can fall (a host lost): a counter only goes up.
+        self.reaped.inc(max(0, status.reaped_total - self._reaped_seen))
+        self._reaped_seen = max(self._reaped_seen, status.reaped_total)
         return generate_latest(self.registry)
-
-    def _sync(self, manager: SessionManager) -> None:
-        self.sessions.set(manager.count)
-        self.pool_idle.set(manager.pool.idle)
-        self.reaped.inc(manager.reaped_total - self._reaped_seen)
-        self._reaped_seen = manager.reaped_total
 
     def observe(self, status: str, seconds: float) -> None:
         self.executions.labels(status=status).inc()

@@ -35,7 +35,7 @@ class RunningServer:
 
     @property
     def manager(self):
-        return self.app.state.application.manager
+        return self.app.state.application.engine.manager
 
     def client(self, key: str | None = None, timeout: float = 120) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -84,7 +84,7 @@ def test_a_new_backend_is_one_module_and_one_registration(tmp_path):
         f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from kernelbox_server.service.app import build_backend
+        from kernelbox_server.service.engine import build_backend
         from kernelbox_server.service.settings import Settings
         backend = build_backend(Settings(backend="echo"))
         print(type(backend).__name__, backend.name)

@@ -799,7 +799,7 @@ async def test_several_keys_on_weak_isolation_refuse_to_start_unless_allowed(tmp
     ):
         app = create_app(allowed)
         async with app.router.lifespan_context(app):
-            assert app.state.application.manager.pool.backend.isolation["weak"] is True
+            assert app.state.application.engine.manager.pool.backend.isolation["weak"] is True
 
 
 # -- a service that is not root ----------------------------------------------------------------

@@ -665,7 +665,7 @@ def test_docker_runs_have_no_privileges_network_or_ipc(docker_server):
     # The template itself: root in its container with the two capabilities runs' ids need.
     import docker
 
-    for template in docker_server.app.state.application.forkserver.templates:
+    for template in docker_server.app.state.application.engine.forkserver.templates:
         host = docker.from_env().api.inspect_container(template.proc.container_id)["HostConfig"]
         assert (host["CapDrop"], sorted(host["CapAdd"])) == (["ALL"], ["SETGID", "SETUID"])
 
@@ -743,7 +743,7 @@ def test_docker_processes_left_behind_are_killed(docker_server):
     pid = int(first["run_result"]["stdout"])
     check = f"import os, time\ntime.sleep(0.5)\nprint(os.path.exists('/proc/{pid}'))"
     assert drun(docker_server, check)["run_result"]["stdout"] == "False\n"
-    pss = docker_server.app.state.application.forkserver.memory_pss()
+    pss = docker_server.app.state.application.engine.forkserver.memory_pss()
     assert pss and None not in pss
 
 

@@ -20,11 +20,12 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"description": "The pool cannot serve"}})
 async def readyz(application: App):
     """The pool can serve a session now or soon (a backend that fails to start kernels is not)."""
-    if (why := application.not_ready()) is not None:
+    why, report = await application.readiness()
+    if why is not None:
         return error_response(503, "not_ready", why)
-    return application.readiness()
+    return report
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics(application: App) -> Response:
-    return Response(application.scrape(), media_type=CONTENT_TYPE_LATEST)
+    return Response(await application.scrape(), media_type=CONTENT_TYPE_LATEST)

@@ -36,12 +36,12 @@ async def create_session(
 
 @router.get("", response_model=list[Session], responses=ERRORS)
 async def list_sessions(application: App, owner: Owner) -> list[Session]:
-    return application.list_sessions(owner)
+    return await application.list_sessions(owner)
 
 
 @router.get("/{session_id}", response_model=Session, responses=ERRORS)
 async def get_session(session_id: str, application: App, owner: Owner) -> Session:
-    return application.get_session(session_id, owner)
+    return await application.get_session(session_id, owner)
 
 
 @router.delete("/{session_id}", status_code=204, responses=ERRORS)
@@ -79,7 +79,7 @@ async def execute(
         return application.execute(session_id, owner, body, base_url=base_url, on_event=on_event)
 
     if streaming.wanted(request, body.stream):
-        application.check_execute(session_id, owner, body.code)  # 413, 404, 409 now
+        await application.check_execute(session_id, owner, body.code)  # 413, 404, 409 now
         return streaming.stream(run)
     return await run(None)
 
