@@ -92,7 +92,8 @@ class RenderOptions(_Model):
 
 class Session(_Model):
     id: str
-    status: Literal["idle", "busy", "restarting", "paused", "closed"]
+    #: lost: the machine that ran it is gone (a cluster), with its kernel and files
+    status: Literal["idle", "busy", "restarting", "paused", "closed", "lost"]
     created_at: datetime
     last_used_at: datetime
     expires_at: datetime | None

@@ -31,3 +31,8 @@ class PoolExhausted(SandboxError):
 
 class PauseFailed(SandboxError):
     """The session's variables could not be saved; it keeps running, nothing is lost."""
+
+
+class SessionLost(SandboxError):
+    """The machine that ran the session is gone, and its kernel and files with it (a cluster:
+    see the Ray mode); only deleting the session is left to do."""

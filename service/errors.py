@@ -17,6 +17,7 @@ from kernelbox_server.sandbox.errors import (
     PoolExhausted,
     SessionBusy,
     SessionClosed,
+    SessionLost,
     SessionNotFound,
 )
 from kernelbox_server.sandbox.files import FileOpTimeout, FileTooLarge, UnsafePath
@@ -32,6 +33,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     409: "session_busy",
+    410: "session_lost",
     413: "too_large",
     422: "invalid_body",
     429: "pool_exhausted",
@@ -44,6 +46,7 @@ _HTTP_CODES = {
 ENGINE_ERRORS: dict[type[Exception], tuple[int, str]] = {
     SessionNotFound: (404, "not_found"),
     SessionClosed: (404, "not_found"),
+    SessionLost: (410, "session_lost"),
     SessionBusy: (409, "session_busy"),
     PauseFailed: (409, "pause_failed"),
     PoolExhausted: (429, "pool_exhausted"),

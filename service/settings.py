@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     # sandbox/backends/hostpath.py)
     host_data_dir: Path | None = None
 
+    # Past one machine (docs/scale-out.md). none: this machine's engine. ray: sessions live on
+    # kernel hosts, one per Ray node offering the resource `kernelbox_host`, each with its own
+    # pool on `backend`; any number of services route to them (the `ray` extra).
+    cluster: Literal["none", "ray"] = "none"
+    # Passed to ray.init: "auto" (a node of the cluster), "host:6379", or "ray://host:10001"
+    ray_address: str = "auto"
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
