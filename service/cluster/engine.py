@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -52,6 +53,8 @@ log = logging.getLogger("kernelbox.cluster")
 DIRECTORY_NAME = "kernelbox-directory"
 #: seconds between two rounds of `ensure_hosts` (new nodes get hosts; hosts report sessions)
 HOSTS_EVERY = 5.0
+#: sessions whose host a front remembers (the oldest forgotten first)
+WHERE_MAX = 100_000
 #: how long a host may take to answer a status question before it is left out
 STATUS_TIMEOUT = 5.0
 
@@ -89,6 +92,9 @@ class RayEngine:
             resources={"node:__internal_head__": 0.001},
         ).remote()
         self._hosts: dict[str, Any] = {}
+        #: where sessions were found: a session never moves, so only its end or its host's
+        #: loss makes an entry wrong, and the next call to that host finds either out
+        self._where: OrderedDict[str, Located] = OrderedDict()
 
     # -- hosts ---------------------------------------------------------------------------------
 
@@ -149,17 +155,32 @@ class RayEngine:
         except RayTaskError as exc:
             raise _cause(exc) from None
         except (ActorDiedError, ValueError) as exc:  # ValueError: no actor by that name
-            await self.directory.host_lost.remote(name)
-            self._hosts.pop(name, None)
+            await self._lost(name)
             raise HostLost(name) from exc
         except ActorUnavailableError as exc:
             raise KernelStartError(f"kernel host {name} is unreachable now: {exc}") from exc
 
+    async def _lost(self, name: str) -> None:
+        await self.directory.host_lost.remote(name)
+        self._hosts.pop(name, None)
+        for sid in [sid for sid, found in self._where.items() if found.host == name]:
+            del self._where[sid]
+
     async def _locate(self, session_id: str, owner: str) -> Located:
-        found: Located | None = await self.directory.locate.remote(session_id)
+        found = self._where.get(session_id)
+        if found is None:
+            found = await self.directory.locate.remote(session_id)
+            if found is not None and not found.lost:
+                self._where[session_id] = found
+                if len(self._where) > WHERE_MAX:
+                    self._where.popitem(last=False)
         if found is None or found.owner != owner:
             raise SessionNotFound(f"no session {session_id}")
         return found
+
+    async def _forget(self, session_id: str) -> None:
+        self._where.pop(session_id, None)
+        await self.directory.drop.remote(session_id)
 
     async def _on_host(self, session_id: str, owner: str, method: str, *args: Any) -> Any:
         """A session's operation on its host; SessionLost if that host is gone."""
@@ -171,7 +192,7 @@ class RayEngine:
         except HostLost:
             raise SessionLost(LOST.format(host=found.host)) from None
         except SessionNotFound:
-            await self.directory.drop.remote(session_id)  # expired or deleted there
+            await self._forget(session_id)  # expired or deleted there
             raise
 
     # -- sessions ------------------------------------------------------------------------------
@@ -237,7 +258,7 @@ class RayEngine:
         if not found.lost:
             with contextlib.suppress(SessionLost, SessionNotFound):
                 await self._on_host(session_id, owner, "delete")
-        await self.directory.drop.remote(session_id)
+        await self._forget(session_id)
 
     async def check_idle(self, session_id: str, owner: str) -> None:
         found = await self._locate(session_id, owner)
@@ -359,7 +380,7 @@ class RayEngine:
         except RayTaskError as exc:
             raise _cause(exc) from None
         except (ActorDiedError, ValueError) as exc:
-            await self.directory.host_lost.remote(name)
+            await self._lost(name)
             raise SessionLost(LOST.format(host=name)) from exc
         raise KernelStartError(f"kernel host {name} ended the stream without a result")
 
@@ -420,7 +441,7 @@ class RemoteFiles:
         except RayTaskError as exc:
             raise _cause(exc) from None
         except (ActorDiedError, ValueError) as exc:
-            await self.engine.directory.host_lost.remote(name)
+            await self.engine._lost(name)
             raise SessionLost(LOST.format(host=name)) from exc
 
     async def list(self) -> Listing:
