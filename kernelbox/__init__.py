@@ -30,6 +30,7 @@ from .errors import (
     RequestTimeout,
     ServiceUnavailable,
     SessionBusy,
+    SessionLost,
     SessionNotFound,
     Unauthorized,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "ServiceUnavailable",
     "Session",
     "SessionBusy",
+    "SessionLost",
     "SessionInfo",
     "SessionNotFound",
     "StderrEvent",

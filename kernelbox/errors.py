@@ -87,6 +87,11 @@ class SessionBusy(APIError):
     """409: the session is running other code (one execution at a time per session)."""
 
 
+class SessionLost(APIError):
+    """410: the machine that ran the session is gone (a service spread over a cluster), with
+    its kernel and files; delete the session and create another."""
+
+
 class PayloadTooLarge(APIError):
     """413: the code, the request body or the file is over the service's limit."""
 
@@ -148,6 +153,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
     403: Unauthorized,
     404: NotFound,
     409: SessionBusy,
+    410: SessionLost,
     413: PayloadTooLarge,
     422: InvalidRequest,
     429: PoolExhausted,
