@@ -244,18 +244,33 @@ def build_backend(settings: Settings) -> KernelBackend:
     return registry.build(settings.backend, kernel_config(settings), settings)
 
 
-def check_isolation(settings: Settings, backend: KernelBackend) -> None:
-    """Several keys on a backend that cannot keep kernels apart would let one key's code reach
-    another's sessions: refuse, unless told to accept it."""
-    report = backend.isolation  # what is missing, the backend has said already
-    log.info("isolation: %s", report)
+def check_isolation(settings: Settings, report: dict[str, Any], where: str) -> None:
+    """Several keys on a backend that cannot keep kernels apart (its isolation `report`)
+    would let one key's code reach another's sessions: refuse, unless told to accept it."""
+    log.info("isolation of %s: %s", where, report)
     if report.get("weak") and len(settings.api_key) > 1 and not settings.allow_weak_isolation:
         missing = "; ".join(report.get("missing", [])) or "see /readyz"
         raise RuntimeError(
-            f"{len(settings.api_key)} API keys, but the {backend.name} backend cannot isolate "
-            f"their kernels from each other ({missing}). Fix that, or set "
-            "KERNELBOX_ALLOW_WEAK_ISOLATION=1 to accept it."
+            f"{len(settings.api_key)} API keys, but {where} cannot isolate their kernels from "
+            f"each other ({missing}). Fix that, or set KERNELBOX_ALLOW_WEAK_ISOLATION=1 to "
+            "accept it."
         )
+
+
+def without_keys(settings: Settings) -> Settings:
+    """The settings an engine elsewhere needs (a kernel host): the keys' shares worked out,
+    the keys themselves left out (they are checked by the fronts, and Ray keeps an actor's
+    arguments in its control store)."""
+    run_slots = forkserver_options(settings).total_slots
+    return settings.model_copy(
+        update={
+            "api_key": [],
+            "api_key_file": None,
+            "max_sessions_per_key": settings.max_sessions_per_key
+            or settings.per_key(settings.max_sessions),
+            "max_runs_per_key": settings.max_runs_per_key or settings.per_key(run_slots),
+        }
+    )
 
 
 def forkserver_options(settings: Settings) -> ForkServerOptions:
@@ -309,7 +324,7 @@ async def open_local_engine(settings: Settings) -> AsyncIterator[LocalEngine]:
         io.close()
         raise
     try:
-        check_isolation(settings, backend)
+        check_isolation(settings, backend.isolation, f"the {backend.name} backend")
     except BaseException:
         await backend.close()
         await store.close()

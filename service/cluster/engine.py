@@ -43,7 +43,7 @@ from kernelbox_server.sandbox.manager import NotebookRun
 from kernelbox_server.sandbox.session import OnEvent
 from kernelbox_wire.models import ErrorInfo, Execution, OutputRef, Session
 
-from ..engine import EngineStatus
+from ..engine import EngineStatus, check_isolation, without_keys
 from ..settings import Settings
 from .directory import DirectoryActor, Located
 from .host import HOST_RESOURCE, NAMESPACE, KernelHostActor, host_name
@@ -115,7 +115,7 @@ class RayEngine:
                 get_if_exists=True,
                 resources={HOST_RESOURCE: 1},
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(self.settings, name, node_id)
+            ).remote(without_keys(self.settings), name, node_id)
             try:
                 node, capacity, held = await handle.start.remote()
             except (ActorDiedError, ActorUnavailableError) as exc:
@@ -494,6 +494,9 @@ async def open_ray_engine(settings: Settings) -> AsyncIterator[RayEngine]:
     engine = RayEngine(settings)
     hosts = await engine.ensure_hosts()
     log.info("Ray mode: %d kernel hosts serving: %s", len(hosts), ", ".join(hosts) or "none")
+    for name in hosts:  # this front's keys against each host's backend
+        status = await engine._call(name, "status")
+        check_isolation(settings, status.isolation, f"kernel host {name}")
     keeper = asyncio.create_task(engine.keep_hosts())
     try:
         yield engine
