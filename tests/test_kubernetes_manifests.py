@@ -173,6 +173,12 @@ def validate_pod_template(template: dict) -> None:
     )
 
 
+def brief(exc: kubernetes_validate.ValidationError) -> str:
+    """Where and what, without the whole offending object jsonschema's message carries."""
+    where = ".".join(str(part) for part in exc.absolute_path)
+    return f"{where}: {exc.message}" if where else exc.message
+
+
 def check_keys(errors: list[str], where: str, obj: Any, allowed: set, required=()) -> None:
     if not isinstance(obj, dict):
         errors.append(f"{where}: not a mapping")
@@ -210,9 +216,10 @@ def custom_errors(doc: dict) -> list[str]:
         return [f"{kind}: apiVersion {doc.get('apiVersion')!r}, expected {CUSTOM_KINDS.get(kind)}"]
     check_keys(errors, kind, doc, TOP_LEVEL, required={"apiVersion", "kind", "metadata", "spec"})
     try:  # ObjectMeta, strictly: as a ConfigMap's
-        validate_builtin({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]})
-    except (kubernetes_validate.ValidationError, KeyError) as exc:
-        errors.append(f"{kind}.metadata: {exc}")
+        meta = doc.get("metadata", {})
+        validate_builtin({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta})
+    except kubernetes_validate.ValidationError as exc:
+        errors.append(f"{kind}.metadata: {brief(exc)}")
     spec = doc.get("spec", {})
 
     if kind == "SandboxTemplate":
@@ -239,7 +246,7 @@ def custom_errors(doc: dict) -> list[str]:
                     }
                 )
             except kubernetes_validate.ValidationError as exc:
-                errors.append(f"spec.networkPolicy: {exc}")
+                errors.append(f"spec.networkPolicy: {brief(exc)}")
     elif kind == "SandboxWarmPool":
         check_keys(errors, "spec", spec, WARM_POOL_SPEC, required={"sandboxTemplateRef"})
         check_keys(
@@ -279,7 +286,7 @@ def custom_errors(doc: dict) -> list[str]:
         try:
             validate_pod_template(template)
         except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{where}: {exc}")
+            errors.append(f"{where}: {brief(exc)}")
     return errors
 
 
@@ -313,7 +320,7 @@ def test_builtin_kinds_validate_strictly(where, doc):
     try:
         validate_builtin(doc)
     except kubernetes_validate.ValidationError as exc:
-        pytest.fail(f"{label(where, doc)}: {exc}")
+        pytest.fail(f"{label(where, doc)}: {brief(exc)}")
 
 
 @pytest.mark.parametrize(
