@@ -30,7 +30,7 @@ from ray.cluster_utils import Cluster
 
 from bench.common import start_server, stats_ms
 from kernelbox_server.service.cluster.engine import RayEngine, open_ray_engine, stop_hosts
-from kernelbox_server.service.cluster.host import HOST_RESOURCE, NAMESPACE
+from kernelbox_server.service.cluster.host import HOST_RESOURCE, NAMESPACE, host_name
 from kernelbox_server.service.settings import Settings
 from tests.server import free_port
 
@@ -109,6 +109,40 @@ async def api_session(kernels: RayEngine) -> Callable[[], Awaitable[None]]:
     return step
 
 
+async def node_loss(cluster: Cluster, url: str, kernels: RayEngine) -> None:
+    """How long until a lost node's session answers `died`, and what it answers meanwhile."""
+    node = cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+    await wait_ready(url, hosts=4)
+    lost_host = host_name(node.node_id)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        # The new host has the most room (or shares it): sessions soon land there.
+        ids: list[str] = []
+        doomed = None
+        while doomed is None and len(ids) < 8:
+            ids.append((await client.post("/v1/sessions", json={})).json()["id"])
+            if (await kernels.directory.locate.remote(ids[-1])).host == lost_host:
+                doomed = ids[-1]
+        assert doomed is not None, "no session went to the new node's host"
+        await client.post(f"/v1/sessions/{doomed}/execute", json={"code": "x = 1"})
+        started = time.perf_counter()
+        cluster.remove_node(node)
+        answers: dict[str, int] = {}
+        while True:
+            response = await client.post(f"/v1/sessions/{doomed}/execute", json={"code": "x"})
+            ok = response.status_code == 200
+            got = response.json()["status"] if ok else f"HTTP {response.status_code}"
+            answers[got] = answers.get(got, 0) + 1
+            if got == "died":
+                break
+            await asyncio.sleep(0.1)
+        took = time.perf_counter() - started
+        print(f"\n## Node loss\n\na lost node's session answered `died` {took:.1f} s after its")
+        print(f"raylet was killed; answers meanwhile (every 0.1 s): {answers}")
+        for sid in ids:
+            await client.delete(f"/v1/sessions/{sid}")
+
+
 async def main(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="kb-bench-cluster-"))
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
@@ -183,6 +217,7 @@ async def main(args: argparse.Namespace) -> None:
             base = stats_ms(samples["plain service (HTTP)"])["p50"]
             hop = stats_ms(samples["Ray mode front (HTTP, then the host)"])["p50"]
             print(f"\nthe hop adds {hop - base:.1f} ms at p50 ({hop / base:.2f}x)")
+            await node_loss(cluster, front_url, kernels)
             await stop_hosts()
     finally:
         for proc in procs:
