@@ -330,6 +330,27 @@ async def test_a_front_that_dies_loses_nothing(deployment):
         assert other.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
+async def test_a_host_that_dies_on_a_live_node_comes_back_with_its_sessions_files(
+    deployment, kernels
+):
+    with deployment.fronts[0].client() as client, deployment.fronts[1].client() as other:
+        sid = create(client)
+        run(client, sid, "x = 1\nopen('kept.txt', 'w').write('on disk')")
+        name = (await kernels.directory.locate.remote(sid)).host
+        ray.kill(kernels.host(name))  # the host's process (and its kernels); the node lives on
+        # Lost until a front's next round starts a host on that node again, which restores
+        # the node's sessions from its data directory.
+        wait_for(
+            lambda: client.get(f"/v1/sessions/{sid}").json()["status"] not in ("lost",),
+            120,
+            "the session back on a new host",
+        )
+        again = run(other, sid, "print(open('kept.txt').read())")
+        assert again["stdout"] == "on disk\n" and again["kernel_restarted"] is True
+        assert run(client, sid, "x")["error"]["name"] == "NameError"
+        assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
 async def test_a_lost_node_takes_only_its_own_sessions(deployment, kernels):
     with deployment.fronts[0].client() as client:
         # Two a host: the new node's host is then the emptiest for two sessions in a row.

@@ -25,6 +25,8 @@ NODES_TTL = 1.0
 
 @dataclass
 class HostEntry:
+    #: the Ray actor serving under the host's name now (a new one replaces a dead one)
+    actor_id: str
     node_id: str
     capacity: int
     #: sessions sent to this host by `place` and not yet reported by `put`
@@ -65,13 +67,18 @@ class Directory:
     # -- hosts ---------------------------------------------------------------------------------
 
     def host_up(
-        self, name: str, node_id: str, capacity: int, sessions: list[tuple[str, Session]]
+        self,
+        name: str,
+        actor_id: str,
+        node_id: str,
+        capacity: int,
+        sessions: list[tuple[str, Session]],
     ) -> None:
         """A host is serving, with these (owner, session) pairs: what it reports replaces what
         was known of it (sessions it no longer has were deleted or expired there)."""
         entry = self.hosts.get(name)
         pending = entry.pending if entry is not None and not entry.lost else 0
-        self.hosts[name] = HostEntry(node_id=node_id, capacity=capacity, pending=pending)
+        self.hosts[name] = HostEntry(actor_id, node_id, capacity, pending=pending)
         reported = {session.id for _, session in sessions}
         old = time.monotonic() - REPORT_GRACE
         for sid, e in list(self.sessions.items()):
@@ -80,10 +87,15 @@ class Directory:
         for owner, session in sessions:
             self.sessions[session.id] = _Entry(name, owner, session)
 
-    def host_lost(self, name: str) -> None:
-        if (entry := self.hosts.get(name)) is not None:
-            entry.lost = True
-            entry.pending = 0
+    def host_lost(self, name: str, actor_id: str | None) -> bool:
+        """A caller found the actor `actor_id` (None: any) of host `name` dead: the host is
+        lost, unless a newer actor serves that name already (False then: call that one)."""
+        entry = self.hosts.get(name)
+        if entry is None or (actor_id is not None and entry.actor_id != actor_id):
+            return entry is None
+        entry.lost = True
+        entry.pending = 0
+        return True
 
     def live_hosts(self) -> list[str]:
         self._check_nodes()

@@ -117,7 +117,7 @@ class RayEngine:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             ).remote(without_keys(self.settings), name, node_id)
             try:
-                node, capacity, held = await handle.start.remote()
+                actor_id, node, capacity, held = await handle.start.remote()
             except (ActorDiedError, ActorUnavailableError) as exc:
                 log.warning("kernel host %s is not serving: %s", name, exc)
                 return None
@@ -125,7 +125,7 @@ class RayEngine:
                 log.error("kernel host %s failed to start: %s", name, exc.cause or exc)
                 return None
             self._hosts[name] = handle
-            await self.directory.host_up.remote(name, node, capacity, held)
+            await self.directory.host_up.remote(name, actor_id, node, capacity, held)
             return name
 
         started = await asyncio.gather(*(up(n) for n in wanted))
@@ -149,22 +149,33 @@ class RayEngine:
 
     async def _call(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """`method` of the `Engine` on host `name`: its own errors raised as themselves;
-        HostLost (and the directory told) when the host is gone."""
-        try:
-            return await self.host(name).call.remote(method, *args, **kwargs)
-        except RayTaskError as exc:
-            raise _cause(exc) from None
-        except (ActorDiedError, ValueError) as exc:  # ValueError: no actor by that name
-            await self._lost(name)
-            raise HostLost(name) from exc
-        except ActorUnavailableError as exc:
-            raise KernelStartError(f"kernel host {name} is unreachable now: {exc}") from exc
+        HostLost (and the directory told) when the host is gone. A handle to an actor that a
+        newer one has replaced (same name: its node's host was started again) is dropped and
+        the call made once more, to the new one."""
+        for attempt in range(2):
+            handle = None
+            try:
+                handle = self.host(name)
+                return await handle.call.remote(method, *args, **kwargs)
+            except RayTaskError as exc:
+                raise _cause(exc) from None
+            except (ActorDiedError, ValueError) as exc:  # ValueError: no actor by that name
+                if await self._lost(name, handle) or attempt:
+                    raise HostLost(name) from exc
+            except ActorUnavailableError as exc:
+                raise KernelStartError(f"kernel host {name} is unreachable now: {exc}") from exc
+        raise AssertionError("unreachable")
 
-    async def _lost(self, name: str) -> None:
-        await self.directory.host_lost.remote(name)
+    async def _lost(self, name: str, handle: Any | None) -> bool:
+        """`handle` (None: no actor by that name) was found dead: whether host `name` is
+        lost (False: a newer actor serves it)."""
         self._hosts.pop(name, None)
-        for sid in [sid for sid, found in self._where.items() if found.host == name]:
-            del self._where[sid]
+        actor_id = handle._actor_id.hex() if handle is not None else None
+        lost = await self.directory.host_lost.remote(name, actor_id)
+        if lost:
+            for sid in [sid for sid, found in self._where.items() if found.host == name]:
+                del self._where[sid]
+        return lost
 
     async def _locate(self, session_id: str, owner: str) -> Located:
         found = self._where.get(session_id)
@@ -364,12 +375,12 @@ class RayEngine:
         on_event: OnEvent,
     ) -> Execution:
         """An execution whose events are passed to `on_event` as the host sends them."""
-        stream = (
-            self.host(name)
-            .execute_stream.options(num_returns="streaming")
-            .remote(session_id, owner, code, timeout)
-        )
+        handle = None
         try:
+            handle = self.host(name)
+            stream = handle.execute_stream.options(num_returns="streaming").remote(
+                session_id, owner, code, timeout
+            )
             async for ref in stream:
                 kind, item = await ref
                 if kind == "done":
@@ -380,9 +391,14 @@ class RayEngine:
         except RayTaskError as exc:
             raise _cause(exc) from None
         except (ActorDiedError, ValueError) as exc:
-            await self._lost(name)
-            raise SessionLost(LOST.format(host=name)) from exc
+            raise await self._dead(name, handle) from exc
         raise KernelStartError(f"kernel host {name} ended the stream without a result")
+
+    async def _dead(self, name: str, handle: Any | None) -> Exception:
+        """What to raise for a session's call that found its host's actor dead."""
+        if await self._lost(name, handle):
+            return SessionLost(LOST.format(host=name))
+        return KernelStartError(f"kernel host {name} was replaced: retry")
 
     # -- the whole -----------------------------------------------------------------------------
 
@@ -434,15 +450,14 @@ class RemoteFiles:
 
     async def _file_call(self, method: str, *args: Any) -> Any:
         name = await self._host()
+        handle = None
         try:
-            return await getattr(self.engine.host(name), method).remote(
-                self.session_id, self.owner, *args
-            )
+            handle = self.engine.host(name)
+            return await getattr(handle, method).remote(self.session_id, self.owner, *args)
         except RayTaskError as exc:
             raise _cause(exc) from None
         except (ActorDiedError, ValueError) as exc:
-            await self.engine._lost(name)
-            raise SessionLost(LOST.format(host=name)) from exc
+            raise await self.engine._dead(name, handle) from exc
 
     async def list(self) -> Listing:
         return await self._file_call("file_list")
@@ -455,15 +470,17 @@ class RemoteFiles:
 
     async def stream(self, path: str) -> tuple[int, AsyncIterator[bytes]]:
         name = await self._host()
-        refs = (
-            self.engine.host(name)
-            .file_read.options(num_returns="streaming")
-            .remote(self.session_id, self.owner, path)
-        )
+        handle = None
         try:
+            handle = self.engine.host(name)
+            refs = handle.file_read.options(num_returns="streaming").remote(
+                self.session_id, self.owner, path
+            )
             size = await (await anext(refs))
         except RayTaskError as exc:
             raise _cause(exc) from None
+        except (ActorDiedError, ValueError) as exc:
+            raise await self.engine._dead(name, handle) from exc
 
         async def chunks() -> AsyncIterator[bytes]:
             async for ref in refs:

@@ -49,9 +49,9 @@ class KernelHost:
         self._stack = contextlib.AsyncExitStack()
         self._starting: asyncio.Lock | None = None
 
-    async def start(self) -> tuple[str, int, list[tuple[str, Session]]]:
-        """Start the engine (once; later calls only report): (node id, capacity, the
-        (owner, session) pairs it holds), for the directory."""
+    async def start(self) -> tuple[str, str, int, list[tuple[str, Session]]]:
+        """Start the engine (once; later calls only report): (actor id, node id, capacity,
+        the (owner, session) pairs it holds), for the directory."""
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
@@ -62,7 +62,8 @@ class KernelHost:
                 log.info("kernel host %s serving on node %s", self.name, self.node_id)
         manager = self._engine.manager
         held = [(m.owner, m.to_model()) for m in manager.sessions]
-        return self.node_id, manager.options.max_sessions, held
+        actor_id = ray.get_runtime_context().get_actor_id()
+        return actor_id, self.node_id, manager.options.max_sessions, held
 
     async def stop(self) -> None:
         """Close the engine gracefully (sessions kept on disk, as a service's shutdown)."""
