@@ -26,7 +26,7 @@ log = logging.getLogger("kernelbox")
 async def open_engine(settings: Settings) -> AsyncIterator[Engine]:
     """This machine's engine, or (KERNELBOX_CLUSTER=ray) the kernel hosts of a Ray cluster."""
     if settings.cluster == "ray":
-        from .cluster.engine import open_ray_engine  # ray is an optional extra
+        from .cluster import open_ray_engine  # ray is an optional extra
 
         async with open_ray_engine(settings) as engine:
             yield engine

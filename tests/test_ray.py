@@ -1,153 +1,40 @@
-"""The Ray mode on real Ray clusters on this machine: one node, and three.
+"""The Ray mode on real Ray clusters on this machine: one node, and three (tests/ray_cluster.py).
 
-`ray.cluster_utils.Cluster` starts real raylets (each a node with its own id; one machine), each
-offering `kernelbox_host`; two fronts are real `kernelbox serve` processes with
-KERNELBOX_CLUSTER=ray; the tests talk to them over HTTP, and to the hosts directly through the
-Python API (as RL code in the cluster would). The same suite runs on both clusters. Node loss
-adds a node, lets sessions land on it, and removes it (a raylet killed): on one node and on
-three alike.
+Two fronts (real `kernelbox serve` processes) over each; the tests talk to them over HTTP, and
+to the hosts directly through the Python API, as RL code in the cluster would. The same suite
+runs on both clusters. Node loss adds a node, lets sessions land on it, and removes it (its
+raylet killed): on one node and on three alike.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray mode needs the `ray` extra")
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from kernelbox_server.service.cluster.engine import RayEngine, open_ray_engine, stop_hosts  # noqa: E402
-from kernelbox_server.service.cluster.host import HOST_RESOURCE, NAMESPACE, host_name  # noqa: E402
+from kernelbox_server.service.cluster.engine import RayEngine, open_ray_engine  # noqa: E402
+from kernelbox_server.service.cluster.host import host_name  # noqa: E402
 from kernelbox_server.service.settings import Settings  # noqa: E402
-from tests.server import free_port  # noqa: E402
-
-KEY_A = "ray-key-a"
-KEY_B = "ray-key-b"
-NODE = {"num_cpus": 1, "resources": {HOST_RESOURCE: 1}}
-
-
-@dataclass
-class Front:
-    proc: subprocess.Popen
-    url: str
-    log_path: Path
-
-    def client(self, key: str = KEY_A) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=120
-        )
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@dataclass
-class RayDeployment:
-    cluster: Cluster
-    nodes: int
-    data_dir: Path
-    fronts: list[Front] = field(default_factory=list)
-
-    def start_front(self) -> Front:
-        port = free_port()
-        log_path = self.data_dir.parent / f"front-{port}.log"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("KERNELBOX_")},
-            "KERNELBOX_CLUSTER": "ray",
-            "KERNELBOX_RAY_ADDRESS": self.cluster.address,
-            "KERNELBOX_PORT": str(port),
-            "KERNELBOX_DATA_DIR": str(self.data_dir),
-            "KERNELBOX_API_KEY": f"{KEY_A},{KEY_B}",
-            "KERNELBOX_LOCAL_SANDBOX": os.environ.get("KERNELBOX_LOCAL_SANDBOX", "auto"),
-            "KERNELBOX_ALLOW_WEAK_ISOLATION": "1",  # a machine without bwrap still tests this
-            "KERNELBOX_MIN_IDLE": "1",
-            "KERNELBOX_MAX_SESSIONS": "16",
-            "KERNELBOX_RUN_CODE_TEMPLATES": "1",
-        }
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "kernelbox.cli", "serve"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        front = Front(proc, f"http://127.0.0.1:{port}", log_path)
-        self.fronts.append(front)
-        wait_for(lambda: _ready(front), 240, f"front {front.url} ready")
-        return front
-
-
-def _ready(front: Front) -> bool:
-    if front.proc.poll() is not None:
-        raise RuntimeError(f"the front exited: {front.log_tail()}")
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(f"{front.url}/readyz", timeout=5).status_code == 200
-    return False
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
+from tests.ray_cluster import (  # noqa: E402
+    KEY_B,
+    NODE,
+    RayDeployment,
+    create,
+    ray_deployment,
+    run,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module", params=[1, 3], ids=["one node", "three nodes"])
 def deployment(request) -> Iterator[RayDeployment]:
-    cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
-    with tempfile.TemporaryDirectory(prefix="kb-ray-") as tmp:
-        data_dir = Path(tmp) / "data"
-        try:
-            for _ in range(request.param - 1):
-                cluster.add_node(**NODE)
-            cluster.wait_for_nodes()
-            ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
-            deployment = RayDeployment(cluster, request.param, data_dir)
-            deployment.start_front()
-            deployment.start_front()
-            yield deployment
-        finally:
-            for front in deployment.fronts if "deployment" in locals() else []:
-                front.stop()
-            if ray.is_initialized():
-                asyncio.run(stop_hosts())
-                ray.shutdown()
-            cluster.shutdown()
-            # A removed node's host was killed with its sessions' filesystems mounted (a lost
-            # machine takes them along; here it is this machine's).
-            unmount_under(Path(tmp))
-
-
-def unmount_under(root: Path) -> None:
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts]
-    for point in sorted(points, reverse=True):
-        if point.startswith(f"{root}/"):
-            subprocess.run(["umount", "-l", point], check=True)
+    with ray_deployment(request.param) as deployment:
+        yield deployment
 
 
 @pytest.fixture
@@ -155,18 +42,6 @@ async def kernels(deployment) -> AsyncIterator[RayEngine]:
     """The Python API, in this process (a driver of the cluster, as an RL trainer is)."""
     async with open_ray_engine(Settings(cluster="ray")) as engine:
         yield engine
-
-
-def create(client: httpx.Client) -> str:
-    response = client.post("/v1/sessions", json={})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def run(client: httpx.Client, session_id: str, code: str) -> dict:
-    response = client.post(f"/v1/sessions/{session_id}/execute", json={"code": code})
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 async def host_counts(kernels: RayEngine) -> dict[str, int]:

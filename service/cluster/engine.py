@@ -65,11 +65,7 @@ LOST = (
 
 
 class HostLost(Exception):
-    """A call found its host gone."""
-
-    def __init__(self, host: str) -> None:
-        super().__init__(host)
-        self.host = host
+    """A call found its host gone (the argument: the host's name)."""
 
 
 def lost_execution(host: str) -> Execution:
