@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray mode needs the `ray` extra")
-from tests.ray_cluster import RayDeployment, create, ray_deployment, run  # noqa: E402
+from tests.ray_cluster import RayDeployment, create, ray_deployment, run, wait_for  # noqa: E402
 from tests.support import DOCKER_RUNTIME, require_docker  # noqa: E402
 
 pytestmark = pytest.mark.docker
@@ -51,9 +51,7 @@ def test_a_hosts_kernels_are_containers_with_the_limits(deployment):
             out = run(
                 client,
                 sid,
-                "import os, socket\n"
-                "print(os.getuid(), sorted(socket.if_nameindex()))\n"
-                "x = 41",
+                "import os, socket\nprint(os.getuid(), sorted(socket.if_nameindex()))\nx = 41",
             )
             assert out["status"] == "ok", out
             uid, interfaces = out["stdout"].split(" ", 1)
@@ -61,6 +59,8 @@ def test_a_hosts_kernels_are_containers_with_the_limits(deployment):
             assert run(client, sid, "print(x + 1)")["stdout"] == "42\n"
             assert client.put(f"/v1/sessions/{sid}/files/a.txt", content=b"hi").status_code == 201
             assert client.get(f"/v1/sessions/{sid}/files/a.txt").content == b"hi"
+            # Once the host's pool has a warm kernel again (the create took one).
+            wait_for(lambda: client.get("/readyz").status_code == 200, 120, "ready")
             ready = client.get("/readyz").json()
             assert ready["isolation"]["backend"] == "docker", ready
         finally:
