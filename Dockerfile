@@ -39,7 +39,7 @@ RUN set -eu; \
     if [ -n "$(echo $packages)" ]; then \
         apt-get update; \
         apt-get install -y --no-install-recommends $packages; \
-        rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
+        rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/cache/apt/*.bin; \
     fi; \
     command -v setpriv >/dev/null && command -v flock >/dev/null
 
