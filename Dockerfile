@@ -17,18 +17,29 @@
 # (KERNELBOX_DATA_DIR, /var/lib/kernelbox) is a volume the engine can bind into kernel
 # containers, and the entrypoint drops from root to the `kernelbox` user (uid 1000) with the
 # socket's group.
+#
+# The same file builds the LOCAL variant (`scripts/build-images.sh local` -> kernelbox-local:latest),
+# for where the service runs kernels itself: the local backend (bubblewrap) and the Ray mode's
+# pods (deploy/kubernetes/service/ and ray/). Its build arguments: KERNEL_ONLY= (keep the data
+# stack the kernels import), EXTRA_APT_PACKAGES=bubblewrap, EXTRAS=ray with EXTRA_PINS=ray==<the
+# RayCluster's rayVersion>, and SERVICE_BACKEND=local (KERNELBOX_BACKEND's default). With none of
+# them given, this is the Docker backend's lean image above.
 ARG BASE=python:3.12-slim
 FROM ${BASE}
 
 # --- OS packages (rarely change: first) ----------------------------------------------------
 # tini as PID 1 (signals, zombies); util-linux gives setpriv and flock (Essential in Debian).
-# The mmdebstrap base has tini already: no apt run (and no network) needed then.
+# The mmdebstrap base has tini already: no apt run (and no network) needed then, unless
+# EXTRA_APT_PACKAGES (space-separated; the local variant's: bubblewrap) asks for more.
 ARG DEBIAN_FRONTEND=noninteractive
+ARG EXTRA_APT_PACKAGES=""
 RUN set -eu; \
-    if ! command -v tini >/dev/null; then \
+    packages="$EXTRA_APT_PACKAGES"; \
+    if ! command -v tini >/dev/null; then packages="ca-certificates tini $packages"; fi; \
+    if [ -n "$(echo $packages)" ]; then \
         apt-get update; \
-        apt-get install -y --no-install-recommends ca-certificates tini; \
-        rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb; \
+        apt-get install -y --no-install-recommends $packages; \
+        rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/cache/apt/*.bin; \
     fi; \
     command -v setpriv >/dev/null && command -v flock >/dev/null
 
@@ -47,7 +58,11 @@ RUN set -eu; \
 # this layer is rebuilt only when they change, never for a source edit. The protocol libraries
 # are pinned to the kernel image's versions. hatchling is installed here so that the project
 # itself installs without network below. EXTRA_CA_CERTS: see Dockerfile.kernel.
+# EXTRAS: optional-dependency groups of pyproject.toml to add (space-separated; the local
+# variant's: ray); EXTRA_PINS: more constraints, as requirement specifiers (ray==2.60.0).
 ARG KERNEL_ONLY="ipykernel numpy pandas matplotlib"
+ARG EXTRAS=""
+ARG EXTRA_PINS=""
 ARG EXTRA_CA_CERTS=""
 COPY pyproject.toml /tmp/kernelbox-deps/pyproject.toml
 COPY client/pyproject.toml /tmp/kernelbox-deps/client/pyproject.toml
@@ -61,18 +76,23 @@ RUN set -eu; \
     cd /tmp/kernelbox-deps; \
     /opt/venv/bin/python -c 'import re, sys, tomllib;\
         load = lambda path: tomllib.load(open(path, "rb"))["project"]["dependencies"];\
+        extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"];\
         skip = set(sys.argv[1].split()) | {"kernelbox-client"};\
         reqs = load("client/pyproject.toml") + load("pyproject.toml");\
+        reqs += [r for extra in sys.argv[2].split() for r in extras[extra]];\
         name = lambda r: re.split(r"[^A-Za-z0-9._-]", r, maxsplit=1)[0].lower().replace("_", "-");\
         print("\n".join(r for r in reqs if name(r) not in skip))' \
-        "$KERNEL_ONLY" > requirements.txt; \
+        "$KERNEL_ONLY" "$EXTRAS" > requirements.txt; \
     printf 'jupyter_client==8.10.0\npyzmq==27.3.0\n' > constraints.txt; \
-    cat requirements.txt; \
+    for pin in $EXTRA_PINS; do printf '%s\n' "$pin" >> constraints.txt; done; \
+    cat requirements.txt constraints.txt; \
     /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
         -c constraints.txt -r requirements.txt 'hatchling>=1.21'; \
     cd /; rm -rf /tmp/build-ca.pem /tmp/kernelbox-deps
 
 # --- How it runs (metadata: no layer to rebuild) ---------------------------------------------
+# SERVICE_BACKEND: KERNELBOX_BACKEND's default (docker here; local in the local variant).
+ARG SERVICE_BACKEND=docker
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 \
     LC_ALL=C.UTF-8 \
@@ -80,7 +100,7 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONUNBUFFERED=1 \
     KERNELBOX_HOST=0.0.0.0 \
     KERNELBOX_PORT=8000 \
-    KERNELBOX_BACKEND=docker \
+    KERNELBOX_BACKEND=${SERVICE_BACKEND} \
     KERNELBOX_DATA_DIR=/var/lib/kernelbox
 
 EXPOSE 8000
@@ -95,10 +115,18 @@ CMD ["serve"]
 # --- The project (changes most often: last, two steps) ------------------------------------------
 # The context is exactly what .dockerignore lets through: the two distributions (pyproject.toml,
 # client/, README.md, the packages and kernelbox_server's links to them) and the entrypoint.
-# The import check proves the lean dependency set is enough.
+# The import check proves the lean dependency set is enough (and, in the local variant, that the
+# kernels' stack, bwrap and the Ray mode's engine are there).
 COPY . /opt/kernelbox/src/
 RUN set -eu; \
     /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps \
         --no-build-isolation /opt/kernelbox/src/client /opt/kernelbox/src; \
     install -m 0755 /opt/kernelbox/src/scripts/service-entrypoint.sh /opt/kernelbox/entrypoint.sh; \
-    /opt/venv/bin/python -c "import kernelbox_server.service.main, kernelbox_server.service.app, kernelbox_server.sandbox.backends.docker"
+    /opt/venv/bin/python -c "import kernelbox_server.service.main, kernelbox_server.service.app, kernelbox_server.sandbox.backends.docker"; \
+    if [ "$SERVICE_BACKEND" = local ]; then \
+        command -v bwrap >/dev/null; \
+        /opt/venv/bin/python -c "import ipykernel, numpy, pandas, matplotlib, kernelbox_server.sandbox.backends.local"; \
+    fi; \
+    case " $EXTRAS " in \
+        *" ray "*) /opt/venv/bin/python -c "import ray, kernelbox_server.service.cluster.engine" ;; \
+    esac

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Build kernelbox's images: scripts/build-images.sh [all|kernel|service]   (default: all)
+# Build kernelbox's images: scripts/build-images.sh [all|kernel|service|local]   (default: all)
 #
 #   kernel   the Docker backend's kernel image (Dockerfile.kernel)  -> $KERNEL_IMAGE
 #   service  the service image (Dockerfile), for docker-compose.yml -> $SERVICE_IMAGE
+#   all      both of those (what `make test` and CI build)
+#   local    the service image for where it runs kernels itself     -> $LOCAL_IMAGE
+#            (Dockerfile with build arguments: the local backend's kernels and their data stack,
+#            bubblewrap, Ray $RAY_VERSION; KERNELBOX_BACKEND=local): the image of the Kubernetes
+#            manifests (deploy/kubernetes/service/ and ray/). Not part of `all`: Ray alone is
+#            a large download and build.
 #
-# Both are built on the same base, with or without a registry:
+# All are built on the same base, with or without a registry:
 #   - if the base image (BASE, default python:3.12-slim) is present or can be pulled, use it;
 #   - otherwise make a Debian base from the host's own apt sources with mmdebstrap (installed
 #     with apt-get when missing) and `docker import` it as kernelbox-base:<suite>, once;
@@ -16,6 +22,8 @@
 # Environment:
 #   KERNEL_IMAGE     kernel image name                         (kernelbox-kernel:latest)
 #   SERVICE_IMAGE    service image name                        (kernelbox:latest)
+#   LOCAL_IMAGE      local-backend service image name          (kernelbox-local:latest)
+#   RAY_VERSION      Ray in the local image: the RayCluster's rayVersion (deploy/kubernetes/ray/)
 #   BASE             public base image to try first            (python:3.12-slim)
 #   LOCAL_BASE       name of the mmdebstrap-made base          (kernelbox-base:bookworm)
 #   DEBIAN_SUITE     suite for mmdebstrap                      (bookworm)
@@ -26,11 +34,15 @@ set -euo pipefail
 
 WHAT="${1:-all}"
 case "$WHAT" in
-    all | kernel | service) ;;
-    *) echo "usage: $0 [all|kernel|service]" >&2; exit 2 ;;
+    all | kernel | service | local) ;;
+    *) echo "usage: $0 [all|kernel|service|local]" >&2; exit 2 ;;
 esac
 KERNEL_IMAGE="${KERNEL_IMAGE:-kernelbox-kernel:latest}"
 SERVICE_IMAGE="${SERVICE_IMAGE:-kernelbox:latest}"
+LOCAL_IMAGE="${LOCAL_IMAGE:-kernelbox-local:latest}"
+# Equal to rayVersion in deploy/kubernetes/ray/raycluster.yaml (tests/test_kubernetes_manifests.py
+# checks): every Ray node and Ray Client must run the same Ray, and KubeRay adapts to it.
+RAY_VERSION="${RAY_VERSION:-2.60.0}"
 BASE="${BASE:-python:3.12-slim}"
 DEBIAN_SUITE="${DEBIAN_SUITE:-bookworm}"
 LOCAL_BASE="${LOCAL_BASE:-kernelbox-base:${DEBIAN_SUITE}}"
@@ -122,13 +134,30 @@ fi
 boot_sha="$(cat sandbox/kernel_boot.py sandbox/forkserver_boot.py | sha256sum | cut -d' ' -f1)"
 build_args+=(--label "kernelbox.boot.sha256=$boot_sha")
 
-build() {  # build DOCKERFILE IMAGE
+build() {  # build DOCKERFILE IMAGE [DOCKER-BUILD-ARGUMENTS...]
     log "building $2 ($1) on $base"
-    local start
+    local start dockerfile="$1" image="$2"
+    shift 2
     start=$(date +%s)
-    docker build --network host -f "$1" -t "$2" "${build_args[@]}" . >&2
-    log "built $2 in $(( $(date +%s) - start )) s"
+    docker build --network host -f "$dockerfile" -t "$image" "${build_args[@]}" "$@" . >&2
+    log "built $image in $(( $(date +%s) - start )) s"
 }
 
-if [ "$WHAT" != service ]; then build Dockerfile.kernel "$KERNEL_IMAGE"; fi
-if [ "$WHAT" != kernel ]; then build Dockerfile "$SERVICE_IMAGE"; fi
+case "$WHAT" in
+    all | kernel) build Dockerfile.kernel "$KERNEL_IMAGE" ;;
+esac
+case "$WHAT" in
+    all | service) build Dockerfile "$SERVICE_IMAGE" ;;
+esac
+if [ "$WHAT" = local ]; then
+    # The Docker image minus its leanness: the local backend runs kernels with the service's
+    # interpreter (KERNEL_ONLY= keeps ipykernel and the data stack), inside bubblewrap; the Ray
+    # mode's pods need Ray, pinned.
+    build Dockerfile "$LOCAL_IMAGE" \
+        --build-arg "KERNEL_ONLY=" \
+        --build-arg "EXTRA_APT_PACKAGES=bubblewrap" \
+        --build-arg "EXTRAS=ray" \
+        --build-arg "EXTRA_PINS=ray==$RAY_VERSION" \
+        --build-arg "SERVICE_BACKEND=local" \
+        --label "kernelbox.variant=local"
+fi

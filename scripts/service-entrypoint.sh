@@ -55,7 +55,9 @@ case "$docker_host" in
         sock="${docker_host#unix:}"
         sock="/${sock#"${sock%%[!/]*}"}"  # unix:///path and unix:/path alike
         if [ ! -S "$sock" ]; then
-            if [ -n "${DATA:-}" ]; then  # serving: kernels need the engine
+            # Serving on the Docker backend: kernels need the engine (the local variant's
+            # local backend runs them itself and needs no socket).
+            if [ -n "${DATA:-}" ] && [ "${KERNELBOX_BACKEND:-docker}" = docker ]; then
                 log "no Docker socket at $sock: mount it (see docker-compose.yml) or set DOCKER_HOST"
             fi
         else

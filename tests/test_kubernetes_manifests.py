@@ -9,10 +9,11 @@
   written out below: extensions.agents.x-k8s.io/v1beta1 as of agent-sandbox 2fd412d5 (2026-08),
   ray.io/v1 as of KubeRay feeaf72f (2026-08).
 - Then what ties the files to this repository: every image is one scripts/build-images.sh
-  builds, every KERNELBOX_* name is a setting (service/settings.py) or, for kernel pods, one of
-  kernel_boot.py's, probes name routes and ports that exist, selectors select something, the
-  kernel pod's arguments and its readiness probe work with a real kernel (kernel_boot.py, run
-  here with the manifest's own arguments).
+  builds (kernel pods the kernel image, every other pod its `local` variant, with bubblewrap and
+  Ray pinned to the RayCluster's rayVersion), every KERNELBOX_* name is a setting
+  (service/settings.py) or, for kernel pods, one of kernel_boot.py's, probes name routes and
+  ports that exist, selectors select something, the kernel pod's arguments and its readiness
+  probe work with a real kernel (kernel_boot.py, run here with the manifest's own arguments).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -421,21 +424,65 @@ def containers(template: dict) -> list[dict]:
     return spec.get("initContainers", []) + spec["containers"]
 
 
+BUILD_SCRIPT = ROOT / "scripts" / "build-images.sh"
+
+
+def script_default(name: str) -> str:
+    """The default of NAME="${NAME:-default}" in scripts/build-images.sh."""
+    script = BUILD_SCRIPT.read_text()
+    (value,) = re.findall(rf'^{name}="\$\{{{name}:-([^}}]+)\}}"$', script, re.M)
+    return value
+
+
 def built_images() -> dict[str, str]:
-    """{role: image} of scripts/build-images.sh's defaults (KERNEL_IMAGE, SERVICE_IMAGE)."""
-    script = (ROOT / "scripts" / "build-images.sh").read_text()
-    found = dict(re.findall(r'^(KERNEL|SERVICE)_IMAGE="\$\{\w+:-([^}]+)\}"', script, re.M))
-    assert set(found) == {"KERNEL", "SERVICE"}
-    return found
+    """{role: image} of scripts/build-images.sh's defaults (KERNEL_IMAGE, SERVICE_IMAGE for the
+    Docker backend; LOCAL_IMAGE, the service running kernels itself: local backend, Ray)."""
+    return {role: script_default(f"{role}_IMAGE") for role in ("KERNEL", "SERVICE", "LOCAL")}
+
+
+def local_variant_build_args() -> dict[str, str]:
+    """The --build-arg NAME=VALUE the script passes for `local` (Dockerfile's variant)."""
+    script = BUILD_SCRIPT.read_text()
+    (block,) = re.findall(r'^if \[ "\$WHAT" = local \]; then\n(.*?)^fi$', script, re.M | re.S)
+    assert 'build Dockerfile "$LOCAL_IMAGE"' in block
+    return dict(a.split("=", 1) for a in re.findall(r'--build-arg "([^"]*)"', block))
 
 
 def test_every_image_is_one_the_build_script_builds():
+    """Kernel pods run the kernel image; every other pod runs kernels itself (the service on the
+    local backend, Ray's kernel hosts) or is their Ray Client (same Ray and Python): the local
+    variant. The Docker backend's lean service image could run none of them."""
     images = built_images()
+    assert len(set(images.values())) == 3
     for name, template in pod_templates():
         kernel_pod = name.startswith("kernelbox-kernel:")
         for container in containers(template):
-            expected = images["KERNEL"] if kernel_pod else images["SERVICE"]
+            expected = images["KERNEL"] if kernel_pod else images["LOCAL"]
             assert container["image"] == expected, (name, container["name"])
+
+
+def test_the_local_image_has_what_its_pods_need():
+    """What `build-images.sh local` passes the Dockerfile: the kernels' data stack kept,
+    bubblewrap, the `ray` extra pinned to the RayCluster's rayVersion, the local backend; each
+    a build argument the Dockerfile declares (an unknown one is only a warning to docker)."""
+    args = local_variant_build_args()
+    assert args["KERNEL_ONLY"] == ""
+    assert "bubblewrap" in args["EXTRA_APT_PACKAGES"].split()
+    assert args["SERVICE_BACKEND"] == "local"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    declared = set(re.findall(r"^ARG (\w+)", dockerfile, re.M))
+    assert set(args) <= declared, set(args) - declared
+    assert "KERNELBOX_BACKEND=${SERVICE_BACKEND}" in dockerfile
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert "ray" in args["EXTRAS"].split() and set(args["EXTRAS"].split()) <= set(extras)
+    ray_version = one("RayCluster", "kernelbox-ray")["spec"]["rayVersion"]
+    assert script_default("RAY_VERSION") == ray_version
+    assert "ray==$RAY_VERSION" in args["EXTRA_PINS"].split()
+    # The pin is one the extra allows.
+    (ray_requirement,) = [Requirement(r) for r in extras["ray"] if Requirement(r).name == "ray"]
+    assert ray_requirement.specifier.contains(ray_version), (ray_requirement, ray_version)
 
 
 def settings_env_names() -> set[str]:
