@@ -79,6 +79,8 @@ def lost_execution(host: str) -> Execution:
 class RayEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        #: what a host this engine starts is given (worked out once, not every round)
+        self._host_settings = without_keys(settings)
         self.directory = DirectoryActor.options(
             name=DIRECTORY_NAME,
             namespace=NAMESPACE,
@@ -111,7 +113,7 @@ class RayEngine:
                 get_if_exists=True,
                 resources={HOST_RESOURCE: 1},
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(without_keys(self.settings), name, node_id)
+            ).remote(self._host_settings, name, node_id)
             try:
                 actor_id, node, capacity, held = await handle.start.remote()
             except (ActorDiedError, ActorUnavailableError) as exc:
