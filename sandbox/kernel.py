@@ -49,6 +49,10 @@ OUTPUT_TYPES = frozenset(
     {"stream", "display_data", "execute_result", "update_display_data", "error", "clear_output"}
 )
 CONTROL_TYPES = frozenset({"status", "execute_reply", "kernel_info_reply"})
+# A start asks kernel_info until its status comes back on IOPub (see Kernel._wait_ready),
+# again after ASK_AGAIN seconds without an answer, or REASK_AFTER_REPLY after a reply alone.
+ASK_AGAIN = 0.25
+REASK_AFTER_REPLY = 0.02
 # Routing identities, the delimiter, five parts and a few binary buffers: an honest message.
 MAX_FRAMES = 32
 
@@ -422,13 +426,18 @@ class Kernel:
                 connected_at = loop.time()
             msg_id, queue = self.conn.send("kernel_info_request", {})
             try:
-                async with asyncio.timeout(0.25):
+                async with asyncio.timeout(ASK_AGAIN) as wait:
                     while True:
                         msg = await queue.get()
-                        if msg is not DIED and msg["msg_type"] == "status":
-                            return
                         if msg is DIED:
                             break
+                        if msg["msg_type"] == "status":
+                            return
+                        if msg["msg_type"] == "kernel_info_reply":
+                            # The kernel answered, so its status went out before the reply:
+                            # missing now means our subscription came too late. Ask again
+                            # at once (on a fast start this is the common case).
+                            wait.reschedule(min(wait.when(), loop.time() + REASK_AFTER_REPLY))
             except TimeoutError:
                 pass  # ask again: the subscription may not have been there yet
             finally:

@@ -3,6 +3,7 @@ the backend's kernels outlive the service (Docker), refused clearly where they d
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -55,5 +56,37 @@ async def test_a_docker_kernel_is_attached_from_its_description(tmp_path):
         await again.kill()
         assert (await again.wait()).exit_code is not None
         await again.cleanup()
+    finally:
+        await backend.close()
+
+
+async def test_a_start_asks_again_at_once_when_a_reply_came_without_its_status(
+    tmp_path, monkeypatch
+):
+    """A kernel_info reply whose status never reached us (IOPub subscribed too late) is asked
+    again within milliseconds, not after the whole wait for an answer (here made 60 s)."""
+    from kernelbox_server.sandbox import kernel as kernel_module
+
+    monkeypatch.setattr(kernel_module, "ASK_AGAIN", 60.0)
+    original_send = kernel_module.KernelConnection.send
+    asked: list[str] = []
+
+    def send(self, msg_type, content, budget=None):
+        msg_id, queue = original_send(self, msg_type, content, budget)
+        if msg_type == "kernel_info_request":
+            asked.append(msg_id)
+            if len(asked) == 1:  # the first request's status is lost, as when subscribed late
+                real_put = queue.put_nowait
+                queue.put_nowait = lambda m: None if m["msg_type"] == "status" else real_put(m)
+        return msg_id, queue
+
+    monkeypatch.setattr(kernel_module.KernelConnection, "send", send)
+    backend = LocalBackend()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    try:
+        kernel = await asyncio.wait_for(Kernel.start(backend, workdir), 50)
+        assert len(asked) >= 2
+        await kernel.shutdown()
     finally:
         await backend.close()
