@@ -106,7 +106,7 @@ class KernelPool:
         """A kernel started now for one caller: never one of the idle ones, and not replaced
         by the pool (for a backend that forks kernels, where a start costs milliseconds)."""
         async with self._fresh_slots:
-            return await self._new_kernel()
+            return await self._new_kernel(throwaway=True)
 
     def _refill_soon(self) -> None:
         if not self._idle:
@@ -134,9 +134,9 @@ class KernelPool:
         self.last_error = None
         return warm
 
-    async def _new_kernel(self) -> WarmKernel:
+    async def _new_kernel(self, throwaway: bool = False) -> WarmKernel:
         try:
-            kid, workdir = await self.workdirs.create()
+            kid, workdir = await self.workdirs.create(throwaway)
         except OSError as exc:
             raise KernelStartError(f"no working directory could be made: {exc}") from exc
         try:

@@ -20,7 +20,10 @@ import pytest
 
 from kernelbox_server.sandbox.backends.local import LocalBackend, LocalKernel
 from kernelbox_server.sandbox.backends.local_forked import ForkedKernel
+from kernelbox_server.sandbox.files import FileIO, FileLimits
+from kernelbox_server.sandbox.pool import KernelPool
 from kernelbox_server.sandbox.session import KernelSession, SessionOptions
+from kernelbox_server.sandbox.workdirs import Workdirs
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("bwrap") is None,
@@ -76,6 +79,50 @@ async def _run(session: KernelSession, code: str, timeout: float = 30):
     result = await session.execute(code, timeout, None)
     assert result.error is None, result.error
     return result
+
+
+def _mount_of(path: Path) -> tuple[str, str] | None:
+    """(filesystem type, its options) of the mount at `path`, or None."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(path):
+                after = fields.index("-")
+                return fields[after + 1], fields[after + 3]
+    return None
+
+
+async def test_a_throwaway_kernels_directory_is_a_bounded_tmpfs_left_by_nothing(forking, tmp_path):
+    """A one-shot kernel's working directory (KernelPool.fresh, as /run_jupyter uses) is a
+    tmpfs of the disk limit, not an ext4 image: the limit holds, and its removal leaves
+    neither a mount nor a directory."""
+    disk = 16 * 1024**2
+    workdirs = Workdirs(tmp_path / "data", FileIO(), disk_bytes=disk, mount="always")
+    pool = KernelPool(forking, workdirs, min_idle=0)
+    try:
+        warm = await pool.fresh()
+        fstype, options = _mount_of(warm.workdir)
+        assert fstype == "tmpfs" and f"size={disk // 1024}k" in options, options
+        assert not (warm.workdir.parent / "disk.img").exists()
+        workspace = workdirs.workspace(warm.workdir, warm.id, FileLimits())
+        workspace.adopt(warm.kernel.proc)
+        session = KernelSession(forking, warm.kernel, workspace, options=SessionOptions())
+        try:
+            result = await session.execute(
+                "with open('fill', 'wb') as f:\n    f.write(b'x' * (32 * 1024**2))", 30, None
+            )
+            assert result.status == "error", result
+            assert "No space left" in result.error.value or result.error.name == (
+                "DiskQuotaExceeded"
+            ), result.error
+        finally:
+            await session.close()
+            await workspace.remove()
+        assert _mount_of(warm.workdir) is None
+        assert not warm.workdir.parent.exists()
+    finally:
+        await pool.close()
+        await workdirs.close()
 
 
 async def test_a_forked_kernel_is_a_full_kernel(forking, tmp_path):
