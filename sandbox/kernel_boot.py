@@ -422,17 +422,58 @@ def harden() -> dict[str, int]:
     }
 
 
+# No banner, no "to connect another client" chatter; Ctrl-C interrupts the cell. History in
+# memory: IPython's sqlite file costs a thread and a write per cell, and nothing reads it back
+# (a session's history is kept by the service).
+APP_FLAGS = ("--IPKernelApp.quiet=True", "--HistoryManager.hist_file=:memory:")
+_configured: tuple[list[str], str] | None = None  # (argv parsed, module files listed)
+
+
+def configure_app(argv: list[str]) -> None:
+    """Parse the kernel app's command line and list the modules' files, ahead of
+    run_kernel(argv). A kernel template does it once before it forks: both are the same for
+    every kernel it forks, and in a fork they cost about 17 ms of copy-on-write faults (the
+    parse walks every configurable class; ipykernel lists sys.modules for its debugger)."""
+    global _configured
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.instance().parse_command_line([*argv, *APP_FLAGS])
+    files = [m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
+    # One string: a forked kernel splits it into objects of its own, touching no page of
+    # the template's but that one.
+    _configured = (list(argv), "\0".join(files))
+
+
+class _SysListingFiles:
+    """`sys` for ipykernel.ipkernel while its kernel is built: `modules` is one stand-in per
+    file configure_app listed (all IPythonKernel.__init__ reads of them), the rest is sys."""
+
+    def __init__(self, files: str) -> None:
+        from types import SimpleNamespace
+
+        self.modules = {path: SimpleNamespace(__file__=path) for path in files.split("\0")}
+
+    def __getattr__(self, name: str):
+        return getattr(sys, name)
+
+
 def run_kernel(argv: list[str], caps: dict[str, int]) -> None:
     """Start ipykernel (this process becomes the kernel; returns when it ends) with the
     output caps, display caps and the rest of what every session gets."""
+    import ipykernel.ipkernel
     from ipykernel.kernelapp import IPKernelApp
 
     output_cap, image_cap = caps["output_cap"], caps["image_cap"]
+    if _configured is None or _configured[0] != argv:
+        configure_app(argv)
+    assert _configured is not None
     app = IPKernelApp.instance()
-    # No banner, no "to connect another client" chatter; Ctrl-C interrupts the cell. History
-    # in memory: IPython's sqlite file costs a thread and a write per cell, and nothing reads
-    # it back (a session's history is kept by the service).
-    app.initialize([*argv, "--IPKernelApp.quiet=True", "--HistoryManager.hist_file=:memory:"])
+    app.parse_command_line = lambda argv=None: None  # configure_app did
+    ipykernel.ipkernel.sys = _SysListingFiles(_configured[1])  # type: ignore[assignment]
+    try:
+        app.initialize([])
+    finally:
+        ipykernel.ipkernel.sys = sys
     shell = app.shell
 
     out, err = sys.stdout, sys.stderr

@@ -49,7 +49,7 @@ import socket
 import struct
 import sys
 
-from kernel_boot import become, check_libc, harden, run_kernel
+from kernel_boot import become, check_libc, configure_app, harden, run_kernel
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -394,6 +394,7 @@ def main(argv: list[str]) -> None:
 
         seed_matplotlib_cache(cache)
     preload()
+    configure_app(["-f", f"{SANDBOX_RUNTIME}/connection.json"])  # every forked kernel's argv
     if threads() != 1:
         _log(f"{threads()} threads after the imports; a forked kernel keeps only one")
     gc.collect()
