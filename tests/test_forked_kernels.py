@@ -99,30 +99,28 @@ async def test_a_throwaway_kernels_directory_is_a_bounded_tmpfs_left_by_nothing(
     disk = 16 * 1024**2
     workdirs = Workdirs(tmp_path / "data", FileIO(), disk_bytes=disk, mount="always")
     pool = KernelPool(forking, workdirs, min_idle=0)
+    warm = await pool.fresh()
+    workspace = workdirs.workspace(warm.workdir, warm.id, FileLimits())
+    workspace.adopt(warm.kernel.proc)
+    session = KernelSession(forking, warm.kernel, workspace, options=SessionOptions())
     try:
-        warm = await pool.fresh()
         fstype, options = _mount_of(warm.workdir)
         assert fstype == "tmpfs" and f"size={disk // 1024}k" in options, options
         assert not (warm.workdir.parent / "disk.img").exists()
-        workspace = workdirs.workspace(warm.workdir, warm.id, FileLimits())
-        workspace.adopt(warm.kernel.proc)
-        session = KernelSession(forking, warm.kernel, workspace, options=SessionOptions())
-        try:
-            result = await session.execute(
-                "with open('fill', 'wb') as f:\n    f.write(b'x' * (32 * 1024**2))", 30, None
-            )
-            assert result.status == "error", result
-            assert "No space left" in result.error.value or result.error.name == (
-                "DiskQuotaExceeded"
-            ), result.error
-        finally:
-            await session.close()
-            await workspace.remove()
-        assert _mount_of(warm.workdir) is None
-        assert not warm.workdir.parent.exists()
+        result = await session.execute(
+            "with open('fill', 'wb') as f:\n    f.write(b'x' * (32 * 1024**2))", 30, None
+        )
+        assert result.status == "error", result
+        assert "No space left" in result.error.value or result.error.name == (
+            "DiskQuotaExceeded"
+        ), result.error
     finally:
+        await session.close()
+        await workspace.remove()
         await pool.close()
         await workdirs.close()
+    assert _mount_of(warm.workdir) is None
+    assert not warm.workdir.parent.exists()
 
 
 async def test_a_forked_kernel_is_a_full_kernel(forking, tmp_path):
