@@ -60,11 +60,17 @@ def _template_processes() -> list[psutil.Process]:
 
 
 def _template_pid(backend: LocalBackend) -> int:
-    """The template's own process (not bwrap's, not a fork): the oldest with its script."""
+    """The template's own process (not bwrap's, whose command line names the script too, nor
+    a fork): the oldest python with its script."""
     handle = backend.template.handle
     assert handle is not None
     tree = psutil.Process(handle.pid).children(recursive=True)
-    ours = [p for p in tree if any("kernel_template_boot.py" in a for a in p.cmdline())]
+    ours = [
+        p
+        for p in tree
+        if os.path.basename(p.exe()).startswith("python")
+        and any("kernel_template_boot.py" in a for a in p.cmdline())
+    ]
     return min(ours, key=lambda p: (p.create_time(), p.pid)).pid
 
 
