@@ -240,6 +240,36 @@ class StreamBudget:
             return out
 
 
+def drain_fd_pipes(streams, timeout: float = 0.25) -> None:
+    """Wait, up to `timeout` seconds, until what code wrote to fd 1 and 2 (os.write, C
+    libraries, subprocesses) has been read. ipykernel moves those fds onto pipes that a
+    thread of its own reads into the streams: without this, what is still in a pipe when a
+    cell ends (up to a pipe's worth after one large write) goes out after the cell, and is
+    lost to it."""
+    import fcntl
+    import termios
+    import time
+
+    deadline = time.monotonic() + timeout
+    pending = bytearray(4)
+    for stream in streams:
+        fid = getattr(stream, "_fid", None)  # ipykernel's read end of the pipe, if it watches
+        if fid is None:
+            continue
+        waited = False
+        while time.monotonic() < deadline:
+            try:
+                fcntl.ioctl(fid, termios.FIONREAD, pending)
+            except OSError:
+                break
+            if int.from_bytes(pending, sys.byteorder) == 0:
+                break
+            waited = True
+            time.sleep(0.001)
+        if waited:  # the last read is made; let its thread hand it to the stream
+            time.sleep(0.005)
+
+
 def _cap_text(value: str, cap: int) -> str:
     if len(value) <= cap:
         return value
@@ -482,6 +512,7 @@ def run_kernel(argv: list[str], caps: dict[str, int]) -> None:
         budget.install(stream)
 
     def flush_tails(*_args) -> None:
+        drain_fd_pipes((out, err))
         out.flush()
         err.flush()
         parent = app.kernel.get_parent("shell")

@@ -291,6 +291,16 @@ async def test_output_flood_is_truncated_and_host_memory_bounded(fresh):
     assert grown < 40 * 1024**2, f"host grew by {grown / 2**20:.1f} MiB"
 
 
+async def test_fd_output_written_as_a_cell_ends_is_in_its_result(shared):
+    """What code writes to fd 1 (C code, os.write) reaches the kernel through a pipe that a
+    thread of ipykernel reads: the cell's end waits for it to be read. One large write leaves
+    up to a pipe's worth unread when it returns."""
+    for _ in range(3):
+        result = await shared.execute("import os\nos.write(1, b'x' * 1_000_000 + b'END\\n')")
+        assert result.status == "ok", result.error
+        assert result.stdout.rstrip().endswith("xEND"), result.stdout[-200:]
+
+
 async def test_bad_input_gets_a_clear_result(shared):
     empty = await shared.execute("   \n")
     assert empty.status == "ok" and empty.execution_count is None
