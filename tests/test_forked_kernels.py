@@ -36,8 +36,9 @@ async def forking():
     backend = LocalBackend(kernels="forked")
     assert await backend.template.ready() is not None, backend.template.last_error
     yield backend
+    ours = _template_tree(backend)
     await backend.close()
-    await _until(lambda: not _template_processes(), 10, "template processes left behind")
+    await _until(lambda: not any(map(_running, ours)), 10, "template processes left behind")
 
 
 async def _until(condition, timeout: float, what: str) -> None:
@@ -48,15 +49,14 @@ async def _until(condition, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-def _template_processes() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if any("kernel_template_boot.py" in part for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+def _template_tree(backend: LocalBackend) -> set[int]:
+    """The pids of this backend's template sandbox and all it forked (other backends of the
+    test session, test_engine's or a served one's, have templates of their own)."""
+    handle = backend.template.handle
+    if handle is None:
+        return set()
+    root = psutil.Process(handle.pid)
+    return {root.pid, *(p.pid for p in root.children(recursive=True))}
 
 
 def _template_pid(backend: LocalBackend) -> int:
@@ -309,8 +309,9 @@ async def test_no_process_is_left_behind(tmp_path):
     pids = [s.kernel.proc.init_pid for s in sessions]
     await sessions[1].close()
     await _until(lambda: not psutil.pid_exists(pids[1]), 10, "a closed session's PID 1 gone")
+    ours = _template_tree(backend)
     await backend.close()
-    await _until(lambda: not _template_processes(), 10, "template processes left behind")
+    await _until(lambda: not any(map(_running, ours)), 10, "template processes left behind")
     await _until(lambda: not any(_running(p) for p in pids), 10, "forked kernels left behind")
 
 
