@@ -232,7 +232,8 @@ class KernelTemplate:
         try:
             while True:  # it listens once its imports are done
                 if handle._proc.returncode is not None:
-                    raise RuntimeError(f"it exited: {handle.log_tail(1000)}")
+                    why = describe_exit(handle._proc.returncode).reason
+                    raise RuntimeError(f"it {why}: {handle.log_tail(1000)}")
                 if self.socket_of(handle).exists():
                     break
                 if time.monotonic() > deadline:
