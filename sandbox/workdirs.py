@@ -95,6 +95,12 @@ class Workdirs:
     def enforced(self) -> bool:
         return self.unenforced_reason is None
 
+    @property
+    def _inodes(self) -> int:
+        """Inodes of a working directory's filesystem (ext4 image or tmpfs)."""
+        assert self.disk_bytes
+        return max(1024, self.disk_bytes // _BYTES_PER_INODE)
+
     async def remove_stale(self, keep: set[str] | frozenset[str] = frozenset()) -> list[Path]:
         """Remove the working directories of sessions not in `keep` (ids), and those of older
         versions' instances that are gone (their lock is free)."""
@@ -202,9 +208,8 @@ class Workdirs:
         assert self.disk_bytes
         with open(image, "wb") as f:
             f.truncate(self.disk_bytes)  # sparse: the host's disk is used as the code writes
-        inodes = max(1024, self.disk_bytes // _BYTES_PER_INODE)
         await _run(
-            "mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes),
+            "mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(self._inodes),
             "-O", "^has_journal,^resize_inode",
             "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
             str(image),
@@ -215,9 +220,7 @@ class Workdirs:
         os.rmdir(workdir / "lost+found")  # root's, so the kernel could not remove it
 
     def _mount_tmpfs(self, workdir: Path) -> None:
-        assert self.disk_bytes
-        inodes = max(1024, self.disk_bytes // _BYTES_PER_INODE)
-        options = f"size={self.disk_bytes},nr_inodes={inodes},mode=0755"
+        options = f"size={self.disk_bytes},nr_inodes={self._inodes},mode=0755"
         flags = _MS_NOSUID | _MS_NODEV | _MS_NOATIME
         if _libc.mount(b"tmpfs", str(workdir).encode(), b"tmpfs", flags, options.encode()):
             code = ctypes.get_errno()
