@@ -9,7 +9,7 @@ fresh copy of the template, gets its own empty working directory, its limits and
 runs the code as `__main__`, and is killed (with whatever it started) at the deadline or when
 it ends; its directory is removed.
 
-This module is the pool of templates on one backend; forkserver_wire.py speaks to one
+This module is the pool of templates on one backend; backends/forkserver_wire.py speaks to one
 template (see forkserver_boot.py for the protocol); each backend starts its own templates
 (`KernelBackend.launch_template`).
 
@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from .backends.base import KernelBackend, TemplateOptions
-from .forkserver_wire import ForkServerError, RunRequest, RunResult, Template
+from .backends.forkserver_wire import ForkServerError, RunRequest, RunResult, Template
 
 __all__ = ["ForkServer", "ForkServerError", "ForkServerOptions", "RunRequest", "RunResult"]
 

@@ -4,7 +4,7 @@ Standalone on purpose, like kernel_boot.py next to it (stdlib + that file only):
 image copies both into /opt/kernelbox. Usage:
 
     python forkserver_boot.py --socket PATH --runs DIR [--uid-base N | --isolate]
-                              [--slots N] [--prefork N]
+                              [--slots N] [--prefork N] [--kernels DIR]
 
 The template imports the data stack once (nothing that holds threads, sockets or event loops:
 the loop below is `selectors`, never asyncio, whose running-loop state a child would inherit),
@@ -17,6 +17,23 @@ freezes its heap for the GC, then serves requests on a unix socket. One connecti
                           write ends of two pipes, and an empty memfd for what comes back.
     template -> service   one JSON line when the run is over: {"exit": code|null,
                           "signal": n|null, "timeout": bool, "elapsed": s}
+
+With `--kernels DIR` (the Docker backend's one-shot kernels, with `--uid-base`) the template
+also imports what an ipykernel needs (kernel_boot.KERNEL_PRELOAD) and serves a second op: a
+child that becomes a full kernel instead of running code.
+
+    service -> template   {"op": "kernel", "uid": n, "timeout": s} with the same five fds:
+                          the request memfd holds {"argv", "env", "workdir"} (the kernel's
+                          command line, its environment, its working directory under DIR,
+                          made and given to that uid by the service); stdout and stderr may
+                          be one pipe (what the kernel prints outside the protocol); the
+                          result memfd gets "E<reason>" if its set-up fails.
+    service -> template   "I" on the same connection: interrupt (SIGINT to its group)
+    service -> template   EOF (shutdown of the service's side): kill it
+    template -> service   the same JSON line when it has ended, once what it left is swept
+
+The uid comes from the service, which gives the kernel its directories before the fork; the
+template takes it only if it is in its range and no live run has it (the ping says the range).
 
 The template never reads a run's code, files or output: the child reads its request memfd and
 a fetch helper writes the fetched files into the result memfd. So the template's memory, which
@@ -104,6 +121,8 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 HEADER_MAX = 64 * 1024
+#: a kernel's connection file, relative: found in the directory JUPYTER_RUNTIME_DIR names
+KERNEL_CONNECTION_FILE = "connection.json"
 N_FDS = 5  # request, stdin, stdout, stderr, result
 # bwrap covers parts of its /proc read-only; while those covers are there, no process in a user
 # namespace of ours may mount a /proc of its own (the mount would reveal what they hide).
@@ -503,6 +522,8 @@ class Config:
     tmp_bytes: int = 64 * 1024**2
     #: whether orphans of runs become the template's children (not in gVisor)
     subreaper: bool = True
+    #: --kernels: the directory under which kernels' working directories are ("": no kernels)
+    kernel_root: str = ""
     #: the interpreter's directories that a run's fresh mounts would hide (see isolate_run),
     #: found once by the template rather than by every run
     environment: list[str] = field(init=False)
@@ -539,6 +560,8 @@ class Run:
     elapsed: float = 0.0
     helper: int | None = None
     helper_deadline: float = 0.0
+    kernel: bool = False  # a kernel (--kernels), not a run of code
+    hung_up: bool = False  # the service closed its side: nobody to interrupt
 
 
 @dataclass
@@ -710,6 +733,61 @@ def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], m
     if request.get("language") == "pytest":
         os._exit(run_pytest(script, [str(a) for a in request.get("args") or []]))
     os._exit(run_main(script, request["code"]))
+
+
+def kernel_child_main(cfg: Config, run_uid: int | None, scratch: str, fds: list[int]) -> None:
+    """A forked child that becomes a kernel (--kernels); never returns. Its scratch directory
+    (TMPDIR, IPYTHONDIR, MPLCONFIGDIR) is its own, as a run's working directory is: the
+    container's /tmp is shared by every kernel and run of the template."""
+    from kernel_boot import harden, run_kernel
+
+    req_fd, stdin_fd, out_fd, err_fd, result_fd = fds
+    try:
+        _reset_signals()
+        _become(run_uid)
+        request = json.loads(_read_all(req_fd))
+        os.dup2(stdin_fd, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        _close_fds_except(result_fd)
+        os.umask(0o077)
+        os.mkdir(scratch, 0o700)
+        workdir = os.path.normpath(request["workdir"])
+        if not workdir.startswith(cfg.kernel_root + "/"):
+            raise ValueError(f"{workdir!r} is not under {cfg.kernel_root}")
+        os.chdir(workdir)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.environ.update(
+            TMPDIR=scratch, IPYTHONDIR=f"{scratch}/ipython", MPLCONFIGDIR=f"{scratch}/matplotlib"
+        )
+        os.mkdir(os.environ["MPLCONFIGDIR"])
+        try:  # when memory runs out, a kernel goes first, never the template
+            _write_file("/proc/self/oom_score_adj", b"1000")
+        except OSError:
+            pass
+        if cfg.nproc and run_uid is not None:
+            apply_rlimits({"NPROC": cfg.nproc})
+        if "numpy" in sys.modules:
+            _reseed_numpy(sys.modules["numpy"])
+        gc.enable()  # the template's is off; a kernel lives long enough to need it
+        caps = harden()  # niceness, umask, rlimits from the request's environment
+    except BaseException as exc:
+        try:
+            _write_all(result_fd, f"E{exc.__class__.__name__}: {exc}".encode())
+        finally:
+            os._exit(SETUP_FAILED)
+    os.close(result_fd)
+    try:
+        run_kernel(request["argv"], caps)
+    except SystemExit as exc:
+        os._exit(_finish(_exit_code(exc)))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        os._exit(_finish(1))
+    os._exit(_finish(0))
 
 
 def _fresh_stdio() -> None:
@@ -955,11 +1033,15 @@ class Template:
         except ValueError:
             self._drop(pending)
             return
-        if header.get("op") == "ping":
+        op = header.get("op")
+        if op == "ping":
             reply = {"ok": True, "pid": self.me, "slots": self.cfg.slots, "boot_sha256": BOOT_SHA}
+            reply.update(uid_base=self.cfg.uid_base, kernels=bool(self.cfg.kernel_root))
             self._reply(conn, reply)
             self._drop(pending)
-        elif header.get("op") == "run" and len(pending.fds) == N_FDS:
+        elif (op == "run" or (op == "kernel" and self.cfg.kernel_root)) and len(
+            pending.fds
+        ) == N_FDS:
             self.sel.unregister(conn)
             self._start(conn, header, pending.fds)
         else:
@@ -984,13 +1066,23 @@ class Template:
 
     def _start(self, conn: socket.socket, header: dict, fds: list[int]) -> None:
         req_fd, stdin_fd, out_fd, err_fd, result_fd = fds
-        if self.cfg.uid_base and not self.free_uids:
+        kernel = header.get("op") == "kernel"
+        refused = None
+        if kernel and header.get("uid") not in self.free_uids:
+            refused = f"uid {header.get('uid')!r} is not free in this template"
+        elif self.cfg.uid_base and not self.free_uids:
+            refused = "no free run slot in this template"
+        if refused:
             for fd in fds:
                 os.close(fd)
-            self._reply(conn, {"error": "no free run slot in this template"})
+            self._reply(conn, {"error": refused})
             conn.close()
             return
-        uid = self.free_uids.pop() if self.cfg.uid_base else None
+        if kernel:
+            uid = int(header["uid"])
+            self.free_uids.remove(uid)
+        else:
+            uid = self.free_uids.pop() if self.cfg.uid_base else None
         timeout = float(header.get("timeout") or 10.0)
         memory = int(header["memory"]) if header.get("memory") else None
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{N_FDS}i", *fds))]
@@ -999,7 +1091,8 @@ class Template:
                 self._spawn_idle(1)
             idle = self.idle.pop()
             workdir = idle.workdir or os.path.join(self.cfg.runs_dir, f"tmp{_random_name()}")
-            work = json.dumps({"uid": uid, "workdir": workdir, "memory": memory}).encode()
+            work = {"uid": uid, "workdir": workdir, "memory": memory, "kernel": kernel}
+            work = json.dumps(work).encode()
             try:
                 idle.chan.sendmsg([work], rights)
                 break
@@ -1011,9 +1104,10 @@ class Template:
         for fd in (stdin_fd, out_fd, err_fd):
             os.close(fd)  # the child's now: EOF reaches the service when the run ends
         run = Run(conn, idle.pid, uid, workdir, started, started + timeout, req_fd, result_fd)
-        run.fetch, run.init = bool(header.get("fetch")), idle.init
+        run.fetch, run.init, run.kernel = bool(header.get("fetch")), idle.init, kernel
         self.runs[run.pid] = run
-        # Readable from now on means the service hung up: the run is cancelled.
+        # Readable from now on means the service hung up (the run is cancelled), or, for a
+        # kernel, asks for an interrupt.
         self.sel.register(conn, selectors.EVENT_READ, run)
 
     # -- pre-forked children -------------------------------------------------------------
@@ -1067,19 +1161,26 @@ class Template:
         if not data or len(fds) != N_FDS:
             os._exit(0)  # the template went away, or sent nonsense
         work = json.loads(data)
+        if work.get("kernel"):
+            kernel_child_main(self.cfg, work["uid"], work["workdir"], fds)
         child_main(self.cfg, work["uid"], work["workdir"], fds, work["memory"])
 
     def _cancelled(self, run: Run) -> None:
         try:
-            if run.conn.recv(1):
-                return  # unexpected bytes; only EOF matters
+            data = run.conn.recv(64)
         except BlockingIOError:
             return
         except OSError:
-            pass
+            data = b""
+        if data:  # an interrupt for a kernel; other bytes mean nothing
+            if run.kernel and b"I" in data and run.status is None:
+                with acting_as(run.uid), contextlib.suppress(ProcessLookupError):
+                    os.killpg(run.pid, signal.SIGINT)
+            return
+        # The service's side is closed: the run ends now. The connection stays for the
+        # reply (a service that only shut its side down learns when all is swept).
         self.sel.unregister(run.conn)
-        run.conn.close()
-        run.conn = None  # type: ignore[assignment]
+        run.hung_up = True
         self._kill_group(run.pid, run.uid)
 
     def _enforce_deadlines(self) -> None:
@@ -1130,7 +1231,7 @@ class Template:
         else:
             self._sweep_processes(run)
         setup_failed = os.waitstatus_to_exitcode(run.status or 0) == SETUP_FAILED
-        if run.fetch and not setup_failed and run.conn is not None:
+        if run.fetch and not setup_failed and not run.hung_up:
             pid = os.fork()
             if pid == 0:
                 helper_main(run, self.cfg)
@@ -1144,19 +1245,19 @@ class Template:
         if run.helper is not None:
             self._kill_group(run.helper, run.uid)
         self._remove_files(run)
-        if run.conn is not None:
-            code = os.waitstatus_to_exitcode(run.status or 0)
-            self._reply(
-                run.conn,
-                {
-                    "exit": None if run.timed_out else code,
-                    "signal": -code if code < 0 else None,
-                    "timeout": run.timed_out,
-                    "elapsed": round(run.elapsed, 6),
-                },
-            )
+        code = os.waitstatus_to_exitcode(run.status or 0)
+        self._reply(
+            run.conn,
+            {
+                "exit": None if run.timed_out else code,
+                "signal": -code if code < 0 else None,
+                "timeout": run.timed_out,
+                "elapsed": round(run.elapsed, 6),
+            },
+        )
+        if not run.hung_up:
             self.sel.unregister(run.conn)
-            run.conn.close()
+        run.conn.close()
         os.close(run.req_fd)
         os.close(run.result_fd)
         self.runs.pop(run.pid, None)
@@ -1318,6 +1419,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--probe", action="store_true", help="report what isolation works")
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--prefork", type=int, default=8)
+    parser.add_argument("--kernels", default="", help="also fork kernels working under DIR")
     args = parser.parse_args(argv)
 
     pop = os.environ.pop
@@ -1359,7 +1461,13 @@ def main(argv: list[str]) -> None:
         _log(f"no child subreaper ({exc}): processes left by a run are found by its uid")
         subreaper = False
 
+    if args.kernels:
+        from kernel_boot import KERNEL_PRELOAD, configure_app
+
+        modules += [m for m in KERNEL_PRELOAD if m not in modules]
     preload([m.strip() for m in modules])
+    if args.kernels:
+        configure_app(["-f", KERNEL_CONNECTION_FILE])  # every kernel's command line
     # Our environment becomes the children's: without what only the interpreter's start
     # needed (the KERNELBOX_ variables are gone already).
     for name in ("PYTHONMALLOC", "GLIBC_TUNABLES"):
@@ -1410,6 +1518,7 @@ def main(argv: list[str]) -> None:
         hide_dir=os.path.dirname(args.socket),
         tmp_bytes=args.tmp_bytes,
         subreaper=subreaper,
+        kernel_root=os.path.normpath(args.kernels) if args.kernels else "",
     )
     _log(f"ready: {len(modules)} modules preloaded, serving {args.socket}")
     Template(cfg, listener).serve()

@@ -452,6 +452,63 @@ def harden() -> dict[str, int]:
     }
 
 
+# What a kernel template (kernel_template_boot.py, forkserver_boot.py --kernels) imports once,
+# so a forked kernel's start is only its own set-up. Whatever ipykernel and
+# IPython import lazily while a kernel initializes is on this list too.
+KERNEL_PRELOAD = (
+    "ipykernel.kernelapp",
+    "ipykernel.ipkernel",
+    "ipykernel.zmqshell",
+    "ipykernel.iostream",
+    "ipykernel.heartbeat",
+    "ipykernel.control",
+    "ipykernel.comm",
+    "ipykernel.eventloops",
+    "ipykernel.debugger",  # debugpy: a fifth of a second, in every kernel's initialize
+    "IPython.core.interactiveshell",
+    "IPython.core.completerlib",
+    "IPython.core.debugger",
+    "IPython.core.magic_arguments",
+    "IPython.core.magics",
+    "IPython.core.magics.execution",
+    "IPython.core.magics.pylab",
+    "IPython.core.magics.ast_mod",
+    "IPython.core.oinspect",
+    "IPython.extensions.storemagic",
+    "IPython.utils.module_paths",
+    "IPython.utils.wildcard",
+    "tornado.gen",
+    "tornado.locks",
+    "tornado.queues",
+    "tornado.platform.asyncio",
+    "pdb",
+    "pydoc",
+    "faulthandler",
+    "encodings.idna",
+    "http.server",
+    "xmlrpc.server",
+    "xmlrpc.client",
+    "mimetypes",
+    "IPython.core.completer",
+    "IPython.core.history",
+    "IPython.core.pylabtools",
+    "jupyter_client.session",
+    "matplotlib_inline.backend_inline",
+    "numpy",
+    "pandas",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "matplotlib.backends.backend_agg",
+    "PIL.Image",
+    "PIL.PngImagePlugin",
+    "json",
+    "math",
+    "re",
+    "sqlite3",
+    "cloudpickle",
+)
+
+
 # No banner, no "to connect another client" chatter; Ctrl-C interrupts the cell. History in
 # memory: IPython's sqlite file costs a thread and a write per cell, and nothing reads it back
 # (a session's history is kept by the service).

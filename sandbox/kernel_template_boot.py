@@ -49,7 +49,7 @@ import socket
 import struct
 import sys
 
-from kernel_boot import become, check_libc, configure_app, harden, run_kernel
+from kernel_boot import KERNEL_PRELOAD, become, check_libc, configure_app, harden, run_kernel
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -65,60 +65,6 @@ N_FDS = 3  # request, workdir, output
 SANDBOX_WORKDIR = "/home/sandbox/work"
 SANDBOX_RUNTIME = "/run/kernelbox"
 SCRATCH = ("/tmp", "/mnt", "/data")
-# Imported once here, so a kernel's start is only its own set-up. Whatever ipykernel and
-# IPython import lazily while a kernel initializes is on this list too.
-PRELOAD = (
-    "ipykernel.kernelapp",
-    "ipykernel.ipkernel",
-    "ipykernel.zmqshell",
-    "ipykernel.iostream",
-    "ipykernel.heartbeat",
-    "ipykernel.control",
-    "ipykernel.comm",
-    "ipykernel.eventloops",
-    "ipykernel.debugger",  # debugpy: a fifth of a second, in every kernel's initialize
-    "IPython.core.interactiveshell",
-    "IPython.core.completerlib",
-    "IPython.core.debugger",
-    "IPython.core.magic_arguments",
-    "IPython.core.magics",
-    "IPython.core.magics.execution",
-    "IPython.core.magics.pylab",
-    "IPython.core.magics.ast_mod",
-    "IPython.core.oinspect",
-    "IPython.extensions.storemagic",
-    "IPython.utils.module_paths",
-    "IPython.utils.wildcard",
-    "tornado.gen",
-    "tornado.locks",
-    "tornado.queues",
-    "tornado.platform.asyncio",
-    "pdb",
-    "pydoc",
-    "faulthandler",
-    "encodings.idna",
-    "http.server",
-    "xmlrpc.server",
-    "xmlrpc.client",
-    "mimetypes",
-    "IPython.core.completer",
-    "IPython.core.history",
-    "IPython.core.pylabtools",
-    "jupyter_client.session",
-    "matplotlib_inline.backend_inline",
-    "numpy",
-    "pandas",
-    "matplotlib",
-    "matplotlib.pyplot",
-    "matplotlib.backends.backend_agg",
-    "PIL.Image",
-    "PIL.PngImagePlugin",
-    "json",
-    "math",
-    "re",
-    "sqlite3",
-    "cloudpickle",
-)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -159,7 +105,7 @@ def _write_file(path: str, data: bytes, mode: int) -> None:
 
 
 def preload() -> None:
-    for name in PRELOAD:
+    for name in KERNEL_PRELOAD:
         try:
             __import__(name)
         except Exception as exc:  # an optional package missing must not stop the template

@@ -136,7 +136,8 @@ class KernelPool:
 
     async def _new_kernel(self, throwaway: bool = False) -> WarmKernel:
         try:
-            kid, workdir = await self.workdirs.create(throwaway)
+            under = self.backend.oneshot_dir if throwaway else None
+            kid, workdir = await self.workdirs.create(throwaway, under)
         except OSError as exc:
             raise KernelStartError(f"no working directory could be made: {exc}") from exc
         try:

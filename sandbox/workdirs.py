@@ -169,14 +169,16 @@ class Workdirs:
         if os.path.ismount(workdir):
             await _unmount(workdir)
 
-    async def create(self, throwaway: bool = False) -> tuple[str, Path]:
+    async def create(self, throwaway: bool = False, under: Path | None = None) -> tuple[str, Path]:
         """A new, empty working directory: (its id, its path). `throwaway`: for one request,
-        never kept past the service (a tmpfs where directories are filesystems)."""
+        never kept past the service (a tmpfs where directories are filesystems). `under`:
+        a plain directory there instead (where the backend's kernels reach nothing else; its
+        size is measured, see quota.py)."""
         wid = uuid.uuid4().hex
-        home = self.root / wid
+        home = (under or self.root) / wid
         workdir = home / "work"
         workdir.mkdir(parents=True)
-        if self.enforced:
+        if self.enforced and under is None:
             try:
                 if throwaway:
                     await asyncio.to_thread(self._mount_tmpfs, workdir)
@@ -196,7 +198,8 @@ class Workdirs:
 
     def workspace(self, workdir: Path, key: str, limits: files.FileLimits) -> Workspace:
         """How the host reaches the files of a working directory made here (and removes it)."""
-        return Workspace(workdir, self.io, key, limits, own_filesystem=self.enforced, workdirs=self)
+        own = self.enforced and workdir.parent.parent == self.root  # not one made `under`
+        return Workspace(workdir, self.io, key, limits, own_filesystem=own, workdirs=self)
 
     async def close(self) -> None:
         """Let go of the data directory. Working directories stay (their sessions outlive

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     # the engine's OCI runtime for kernels and fork-server templates, e.g. "runsc" (gVisor);
     # default: the engine's own default (runc). See sandbox/backends/docker_runtime.py
     docker_runtime: str | None = None
+    # docker backend: a throwaway kernel (/run_jupyter's) forked in a kernel-template container
+    # (tens of milliseconds; kernels of the container share its limits, each its own uid) or
+    # a container of its own (seconds; its own limits). Sessions have a container each.
+    docker_throwaway: Literal["forked", "container"] = "forked"
     # data_dir's path on the Docker engine's host, for a service in a container that cannot
     # find it by inspecting its own container (default: found that way; see
     # sandbox/backends/hostpath.py)

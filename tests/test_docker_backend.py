@@ -612,8 +612,9 @@ async def test_containers_of_a_killed_service_are_removed_by_the_next_backend(
         newcomer = DockerBackend(image=IMAGE, runtime_root=root)
         assert not _container_exists(orphan)
         assert _container_exists(session.kernel.proc.container_id)  # a live one is kept
-        if root is not None:  # only the newcomer's lock is left in the shared root
-            assert [p.name for p in root.iterdir()] == [newcomer._lock_path.name]
+        if root is not None:  # only the newcomer's lock and one-shot directory are left
+            ours = {newcomer._lock_path.name, newcomer.oneshot_dir.name}
+            assert {p.name for p in root.iterdir()} == ours
         await newcomer.close()
     finally:
         if child.returncode is None:

@@ -90,6 +90,9 @@ class TemplateOptions:
     fetch_cap_bytes: int = 64 * 1024**2
     #: the template's heap on transparent huge pages (cheaper forks)
     hugepages: bool = True
+    #: whether it also forks kernels (one-shot ones, whose working directories the backend
+    #: says where: `KernelBackend.oneshot_dir`), not only runs of code
+    kernels: bool = False
 
 
 class CannotAttach(NotImplementedError):
@@ -157,9 +160,15 @@ class KernelBackend(abc.ABC):
     name: str = "abstract"
     #: the `file_owner` of this backend's kernels, where all have the same
     file_owner: tuple[int, int] | None = None
-    #: whether `start` forks kernels from a warm template (milliseconds each, little memory):
-    #: then a throwaway kernel (/run_jupyter) is started fresh, not taken from the pool
+    #: whether a throwaway kernel is forked from a warm template (milliseconds each, little
+    #: memory): then a throwaway kernel (/run_jupyter) is started fresh for its request, not
+    #: taken from the pool
     forks_kernels: bool = False
+    #: where a throwaway kernel's working directory must be made (a plain directory, in a
+    #: directory of its own below this one): the only place the backend's forked kernels can
+    #: reach, and how `start` tells a throwaway kernel (forked) from a session's; None: the
+    #: usual place
+    oneshot_dir: Path | None = None
 
     def __init__(self, config: KernelConfig | None = None) -> None:
         self.config = config or KernelConfig()
@@ -172,7 +181,8 @@ class KernelBackend(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, workdir: Path, env: dict[str, str] | None = None) -> KernelProcess:
-        """Launch a kernel whose working directory is `workdir` (created by the caller).
+        """Launch a kernel whose working directory is `workdir` (created by the caller; under
+        `oneshot_dir` for a throwaway kernel).
 
         Returns once the process exists; the engine waits for it to answer.
         """

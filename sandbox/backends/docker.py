@@ -63,6 +63,7 @@ from .base import (
     write_connection_file,
 )
 from .docker_files import SANDBOX_UID_GID, Ownership, seal_runtime_dir
+from .docker_forked import KernelForker
 from .docker_orphans import owner_gone, reap_orphans
 from .docker_owner import (  # re-exported: the labels are this backend's public face
     LABEL_BOOT,
@@ -86,6 +87,7 @@ from .docker_spec import (
     as_template,
     exit_info,
     kernel_container,
+    oneshot_dir,
     warn_if_stale,
 )
 from .docker_watch import DeathWatcher
@@ -118,9 +120,10 @@ DEFAULT_IMAGE = "kernelbox-kernel:latest"
 REAPER_SCRIPT = Path(__file__).with_name("docker_reaper.py")
 
 # A unix socket path has room for 107 bytes. Ours, under the runtime root: a kernel's
-# "k-xxxxxxxx/k-5" and a fork-server template's "f-xxxxxxxx/fs.sock" (the longer).
+# "k-xxxxxxxx/k-5", a fork-server template's "f-xxxxxxxx/fs.sock", and a kernel forked in a
+# kernel template, "f-xxxxxxxx/k-xxxxxxxxxxxx/k-5" (the longest).
 _SOCKET_PATH_MAX = 107
-_LONGEST_SOCKET = "/f-xxxxxxxx/fs.sock"
+_LONGEST_SOCKET = "/f-xxxxxxxx/k-xxxxxxxxxxxx/k-5"  # a forked kernel's (docker_forked.py)
 
 
 class DockerKernel(KernelProcess):
@@ -276,6 +279,7 @@ class DockerBackend(KernelBackend):
         runtime: str | None = None,
         orphan_watcher: bool = True,
         sessions_db: Path | None = None,
+        fork_throwaways: bool = True,
     ) -> None:
         super().__init__(config)
         self.image = image
@@ -339,6 +343,15 @@ class DockerBackend(KernelBackend):
             log_bytes=log_bytes,
         )
 
+        #: throwaway kernels (/run_jupyter's) forked in a kernel template (docker_forked.py)
+        self.forks_kernels = fork_throwaways
+        self._forker = KernelForker(self) if fork_throwaways else None
+        if fork_throwaways:
+            # Their working directories: reached by nothing but the kernel template, which
+            # cannot list it (each kernel's is its uid's, 0700).
+            self.oneshot_dir = oneshot_dir(self.runtime_root, self.instance)
+            self.oneshot_dir.mkdir(mode=0o711)
+
         if reap:
             self.reap_orphans()
         self._watcher = DeathWatcher(self.client, self.instance, self._find, self._watched)
@@ -359,6 +372,7 @@ class DockerBackend(KernelBackend):
             host_paths=host_paths,
             runtime=settings.docker_runtime,
             sessions_db=settings.data_dir / DB_NAME,
+            fork_throwaways=settings.docker_throwaway == "forked",
         )
 
     def _start_reaper(self, own_client: bool) -> subprocess.Popen | None:
@@ -421,8 +435,12 @@ class DockerBackend(KernelBackend):
 
     # -- start -------------------------------------------------------------------------------
 
-    async def start(self, workdir: Path, env: dict[str, str] | None = None) -> DockerKernel:
+    async def start(self, workdir: Path, env: dict[str, str] | None = None) -> KernelProcess:
         workdir = Path(workdir).resolve()
+        if self._forker is not None and self.oneshot_dir in workdir.parents:  # a throwaway's
+            forked = await self._forker.fork(workdir, env or {})
+            if forked is not None:
+                return forked  # else (no template yet, or none can start) a container
         kernel_id = uuid.uuid4().hex[:12]
         runtime_dir = Path(tempfile.mkdtemp(prefix="k-", dir=self.runtime_root))
         try:
@@ -444,21 +462,25 @@ class DockerBackend(KernelBackend):
     async def launch_template(self, options: TemplateOptions) -> DockerKernel:
         template_id = f"fs{uuid.uuid4().hex[:10]}"
         # 0700 and the service's: the template gets in as its owner (see TEMPLATE_CAPS), runs
-        # do not.
+        # do not. A kernel template's kernels pass through (0711) to their own k-<id>/, but
+        # cannot list it, nor connect to the template's socket (0600).
         runtime_dir = Path(tempfile.mkdtemp(prefix="f-", dir=self.runtime_root))
+        if options.kernels:
+            os.chmod(runtime_dir, 0o711)
         if self.id_shift != (0, 0):  # userns-remap: the template's root is another host uid
             os.chown(runtime_dir, *self.host_ids(0, 0))
         # A random uid range per template: no other container's processes share these uids
         # (RLIMIT_NPROC counts per uid across the host). The template moves it into its user
         # namespace's ids when they are fewer (userns-remap: 65536).
         uid_base = 1_000_000 + secrets.randbelow(1_000_000) * 1024
+        oneshot = self.host_paths.to_host(self.oneshot_dir) if options.kernels else None
         return await self._launch(
             template_id,
             None,
             runtime_dir,
             {},
             info=template_connection_info(runtime_dir / TEMPLATE_SOCKET),
-            customize=lambda kwargs: as_template(kwargs, options, self.config, uid_base),
+            customize=lambda kwargs: as_template(kwargs, options, self.config, uid_base, oneshot),
         )
 
     async def _launch(
@@ -592,6 +614,8 @@ class DockerBackend(KernelBackend):
     async def close(self) -> None:
         if self._closed:
             return
+        if self._forker is not None:  # its kernels first, each told apart from its template
+            await self._forker.close()
         with self._lock:
             kernels = list(self._kernels.values())
 
@@ -611,6 +635,8 @@ class DockerBackend(KernelBackend):
                 await self._call(self._remove, container.id)
         self._watcher.close()
         self._executor.shutdown(wait=False)
+        if self.oneshot_dir is not None:
+            shutil.rmtree(self.oneshot_dir, ignore_errors=True)
         if self._own_root:
             shutil.rmtree(self.runtime_root, ignore_errors=True)
         else:

@@ -30,6 +30,7 @@ from .docker_owner import (
     pid_ns,
     process_start,
 )
+from .docker_spec import CONTAINER_ONESHOT, oneshot_dir
 from .hostpath import HostPaths
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def reap_orphans(
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(lock_path)
+                instance = Path(lock_path).name.removeprefix("owner-").removesuffix(".lock")
+                shutil.rmtree(oneshot_dir(root, instance), ignore_errors=True)
             os.close(fd)
     return removed
 
@@ -109,7 +112,9 @@ def _remove_runtime_dir(
         return
     for mount in container.attrs.get("Mounts", []):
         source = Path(mount.get("Source") or "/")
-        if mount.get("Destination") == SANDBOX_RUNTIME and source.parent == host_root:
+        # Its runtime directory, and a kernel template's one-shot working directories.
+        mounted_at = mount.get("Destination")
+        if mounted_at in (SANDBOX_RUNTIME, CONTAINER_ONESHOT) and source.parent == host_root:
             shutil.rmtree(root / source.name, ignore_errors=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,19 @@ CONTAINER_PATH = "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin"
 CONTAINER_BOOT = "/opt/kernelbox/forkserver_boot.py"
 SCRATCH_DIRS = ("/tmp", "/mnt", "/data")  # forkserver_boot.SCRATCH_ROOTS
 CONTAINER_RUNS = "/tmp"  # the container's size-limited tmpfs, as SandboxFusion's /tmp/tmpXXXX
+#: where a kernel template's one-shot kernels find their working directories (the backend's
+#: `oneshot_dir`, bind-mounted)
+CONTAINER_ONESHOT = "/home/sandbox/oneshot"
+
+
+def oneshot_dir(runtime_root: Path, instance: str) -> Path:
+    """Where the backend `instance` makes its throwaway kernels' working directories."""
+    return runtime_root / f"o-{instance[:8]}"
+
+
+#: memory a kernel template's container has per slot, on top of one kernel's limit: its
+#: kernels share the container's cgroup, each bounded by its own address-space limit
+KERNEL_SLOT_BYTES = 128 * 1024**2
 # Same start as the kernel image's entrypoint (a writable copy of the prebuilt matplotlib
 # cache), then the fork server instead of the kernel.
 CONTAINER_ENTRY = (
@@ -193,10 +207,16 @@ def kernel_container(
 
 
 def as_template(
-    kwargs: dict[str, Any], options: TemplateOptions, config: KernelConfig, uid_base: int
+    kwargs: dict[str, Any],
+    options: TemplateOptions,
+    config: KernelConfig,
+    uid_base: int,
+    oneshot_on_host: Path | None = None,
 ) -> None:
     """Turn a kernel container's arguments (limits, no network, read-only root, labels that
-    let a later backend reap it as an orphan) into a template's: what it needs on top."""
+    let a later backend reap it as an orphan) into a template's: what it needs on top. With
+    `options.kernels`, a kernel template's: the one-shot directory `oneshot_on_host` mounted,
+    and room for its kernels (CPU for as many as there are cores, memory per slot)."""
     env = kwargs["environment"]
     env.update(template_env(options, config))
     env["HOME"] = CONTAINER_RUNS
@@ -224,3 +244,14 @@ def as_template(
         cap_add=TEMPLATE_CAPS,
         sysctls={**kwargs["sysctls"], **NO_SYSV_IPC},
     )
+    if options.kernels:
+        assert oneshot_on_host is not None
+        kwargs["command"] += ["--kernels", CONTAINER_ONESHOT]
+        # What matplotlib read at the template's import is what every kernel has: inline.
+        env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+        kwargs["mounts"].append(Mount(CONTAINER_ONESHOT, str(oneshot_on_host), type="bind"))
+        if lim.cpus is not None:
+            kwargs["nano_cpus"] = int(lim.cpus * min(options.slots, os.cpu_count() or 1) * 1e9)
+        if lim.memory_bytes is not None:
+            memory = int(lim.memory_bytes) + KERNEL_SLOT_BYTES * options.slots
+            kwargs["mem_limit"] = kwargs["memswap_limit"] = memory

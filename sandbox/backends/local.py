@@ -63,6 +63,7 @@ from .launch import (
     KERNEL_BOOT,
     SANDBOX_SCRATCH,
     TEMPLATE_SOCKET,
+    OutputTail,
     boot_env,
     describe_exit,
     kernel_env,
@@ -74,42 +75,6 @@ from .local_forked import TEMPLATE_SOCKET as TEMPLATE_SOCKET_KT
 from .local_forked import KernelTemplate
 
 log = logging.getLogger(__name__)
-
-
-class OutputTail:
-    """What a kernel process prints outside the protocol (start-up errors): read from a pipe
-    as it comes, only the last `limit` bytes kept."""
-
-    def __init__(self, fd: int, limit: int = 64 * 1024) -> None:
-        self.fd, self.limit = fd, limit
-        self.data = bytearray()
-        self.loop = asyncio.get_running_loop()
-        os.set_blocking(fd, False)
-        self.loop.add_reader(fd, self.drain)
-
-    def drain(self) -> None:
-        for _ in range(16):  # bounded per wake-up: a flood must not hold the event loop
-            try:
-                chunk = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return
-            if not chunk:
-                self.close()
-                return
-            self.data += chunk
-            del self.data[: -self.limit]
-
-    def tail(self, max_chars: int) -> str:
-        if self.fd >= 0:
-            self.drain()  # what arrived since the last wake-up (a death's last words)
-        return self.data[-max_chars:].decode(errors="replace")
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            if not self.loop.is_closed():
-                self.loop.remove_reader(self.fd)
-            os.close(self.fd)
-            self.fd = -1
 
 
 class LocalKernel(KernelProcess):

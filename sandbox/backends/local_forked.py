@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from .base import SANDBOX_RUNTIME, ExitInfo, KernelProcess, connection_info_at
 from .bwrap import RUNTIME_BYTES, SHM_BYTES, TMP_BYTES, host_path
-from .launch import describe_exit, tree_pss
+from .launch import OutputTail, describe_exit, tree_pss
 
 if TYPE_CHECKING:
-    from .local import LocalBackend, LocalKernel, OutputTail
+    from .local import LocalBackend, LocalKernel
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,6 @@ class KernelTemplate:
     ) -> ForkedKernel:
         """One kernel forked from `template`, for `workdir`; returns once it exists (the
         engine waits for it to answer)."""
-        from .local import OutputTail
-
         loop = asyncio.get_running_loop()
         header = {
             "op": "fork",

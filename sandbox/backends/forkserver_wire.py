@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .backends.base import KernelProcess, socket_path
-from .backends.launch import FORKSERVER_BOOT
+from .base import KernelProcess, socket_path
+from .launch import FORKSERVER_BOOT
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class Template:
         self.socket_path = Path(socket_path(proc.connection_info))
         self.slots = slots
         self.active = 0
+        #: what it said when it was ready (its pid, slots, uid range, whether it forks kernels)
+        self.info: dict = {}
         self.death: asyncio.Task = asyncio.get_running_loop().create_task(proc.wait())
 
     @property
@@ -101,6 +103,7 @@ class Template:
                             "the fork server runs another forkserver_boot.py than this "
                             "checkout's; rebuild the kernel image (scripts/build-kernel-image.sh)"
                         )
+                    self.info = reply
                     return
             await asyncio.sleep(0.05)
 
@@ -191,6 +194,34 @@ class Template:
                 reader.stop()
             for fd in list(owned):
                 _close(fd, owned)
+
+    async def fork_kernel(
+        self, uid: int, request: dict, output_fd: int, timeout: float
+    ) -> tuple[socket.socket, int]:
+        """Fork a kernel (a template started with --kernels; forkserver_boot.py says the
+        protocol): `request` is {"argv", "env", "workdir"}, `output_fd` the write end of the
+        pipe for what it prints outside the protocol. Returns the connection (the template's
+        JSON line on it says how the kernel ended) and the memfd its set-up error goes to."""
+        loop = asyncio.get_running_loop()
+        owned: list[int] = []
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            req_fd = _memfd(json.dumps(request).encode(), owned)
+            stdin_fd = _memfd(b"", owned)
+            result_fd = _memfd(b"", owned)
+            await loop.sock_connect(sock, str(self.socket_path))
+            header = {"op": "kernel", "uid": uid, "timeout": timeout}
+            fds = [req_fd, stdin_fd, output_fd, output_fd, result_fd]
+            await _send_with_fds(loop, sock, header, fds)
+        except BaseException:
+            sock.close()
+            for fd in list(owned):
+                _close(fd, owned)
+            raise
+        for fd in (req_fd, stdin_fd):
+            _close(fd, owned)
+        return sock, result_fd
 
     def memory_pss(self) -> int | None:
         """Proportional set size of the template with the children it has forked ahead of
