@@ -8,7 +8,12 @@
 - `/run_jupyter` with two cells against a real `kernelbox serve`: requests/s and p50/p99 at
   concurrency 8 and 32, a kernel forked per request vs the pool path (spawned kernels).
 
+With `--backend docker`, only `/run_jupyter` (Docker sessions keep a container each): a kernel
+forked per request in the kernel-template container vs the pool path (a warm container per
+request, `KERNELBOX_DOCKER_THROWAWAY=container`).
+
     .venv/bin/python -m bench.forked   # --rounds 5 --sessions 1,16,64 --requests 96
+    .venv/bin/python -m bench.forked --backend docker   # KERNELBOX_DOCKER_RUNTIME for runsc
 """
 
 from __future__ import annotations
@@ -71,10 +76,10 @@ async def idle_pss(backend: LocalBackend, root: Path, counts: list[int], forked:
     return out
 
 
-async def run_jupyter(kernels: str, concurrency: list[int], requests: int) -> dict:
+async def run_jupyter(settings: dict, concurrency: list[int], requests: int) -> dict:
     port = free_port()
     data = tempfile.mkdtemp(prefix="kb-bench-")
-    server = start_server(port, local_kernels=kernels, data_dir=data, max_sessions=64)
+    server = start_server(port, data_dir=data, max_sessions=64, **settings)
     url = f"http://127.0.0.1:{port}"
     out = {}
     try:
@@ -113,9 +118,34 @@ async def run_jupyter(kernels: str, concurrency: list[int], requests: int) -> di
     return out
 
 
+JUPYTER_PATHS = {
+    "local": {"forked": {"local_kernels": "forked"}, "pool": {"local_kernels": "spawned"}},
+    "docker": {
+        "forked": {"backend": "docker", "docker_throwaway": "forked"},
+        "pool": {"backend": "docker", "docker_throwaway": "container"},
+    },
+}
+
+
 async def main(args: argparse.Namespace) -> None:
-    counts = [int(n) for n in args.sessions.split(",")]
     concurrency = [int(n) for n in args.concurrency.split(",")]
+    if args.backend == "local":
+        await sessions(args)
+    paths = JUPYTER_PATHS[args.backend]
+    results = {k: await run_jupyter(v, concurrency, args.requests) for k, v in paths.items()}
+    pool = "pool (spawned)" if args.backend == "local" else "pool (a container each)"
+    for c in concurrency:
+        f, s = results["forked"][c], results["pool"][c]
+        print(
+            f"/run_jupyter {args.backend} c={c}: forked {f['rps']:.1f} req/s p50 {f['p50']:.0f} "
+            f"ms p99 {f['p99']:.0f} ms; {pool} {s['rps']:.1f} req/s p50 {s['p50']:.0f} ms "
+            f"p99 {s['p99']:.0f} ms; {f['rps'] / s['rps']:.1f}x"
+        )
+
+
+async def sessions(args: argparse.Namespace) -> None:
+    """Cold session ready and idle PSS, forked vs spawned (local backend)."""
+    counts = [int(n) for n in args.sessions.split(",")]
     root = Path(tempfile.mkdtemp(prefix="kb-bench-forked-"))
     os.chmod(root, 0o755)
     forked, spawned = LocalBackend(kernels="forked"), LocalBackend(kernels="spawned")
@@ -142,18 +172,11 @@ async def main(args: argparse.Namespace) -> None:
         await forked.close()
         await spawned.close()
         shutil.rmtree(root)
-    results = {k: await run_jupyter(k, concurrency, args.requests) for k in ("forked", "spawned")}
-    for c in concurrency:
-        f, s = results["forked"][c], results["spawned"][c]
-        print(
-            f"/run_jupyter c={c}: forked {f['rps']:.1f} req/s p50 {f['p50']:.0f} ms "
-            f"p99 {f['p99']:.0f} ms; pool (spawned) {s['rps']:.1f} req/s p50 {s['p50']:.0f} ms "
-            f"p99 {s['p99']:.0f} ms; {f['rps'] / s['rps']:.1f}x"
-        )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=sorted(JUPYTER_PATHS), default="local")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sessions", default="1,16,64")
     parser.add_argument("--spawned-max", type=int, default=64)
