@@ -29,7 +29,6 @@ removes templates as it removes kernels, and the Docker backend's orphan reaping
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ class ForkServer:
                 raise ForkServerError("the fork server is closed")
             for dead in [t for t in self.templates if not t.alive]:
                 self.templates.remove(dead)
-                await _discard(dead)
+                await dead.discard()
             missing = self.options.templates - len(self.templates)
             if missing <= 0:
                 return
@@ -132,7 +131,7 @@ class ForkServer:
         try:
             await template.wait_ready(self.options.start_timeout)
         except BaseException:
-            await _discard(template)
+            await template.discard()
             raise
         return template
 
@@ -160,26 +159,4 @@ class ForkServer:
         async with self._lock:
             self._closed = True
             templates, self.templates = self.templates, []
-        await asyncio.gather(*(_discard(t) for t in templates), return_exceptions=True)
-
-
-async def _discard(template: Template) -> None:
-    try:
-        await template.proc.kill()
-    finally:
-        await template.proc.cleanup()
-        if not template.death.done():
-            template.death.cancel()
-        with contextlib.suppress(BaseException):
-            await template.death
-
-
-async def _discard(template: Template) -> None:
-    try:
-        await template.proc.kill()
-    finally:
-        await template.proc.cleanup()
-        if not template.death.done():
-            template.death.cancel()
-        with contextlib.suppress(BaseException):
-            await template.death
+        await asyncio.gather(*(t.discard() for t in templates), return_exceptions=True)

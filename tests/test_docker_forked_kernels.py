@@ -144,3 +144,21 @@ async def test_a_kernel_that_dies_says_so_and_the_template_serves_the_next(onesh
     assert isinstance(again.kernel.proc, ForkedDockerKernel)
     assert (await _run(again, "print(6 * 7)")).stdout == "42\n"
     assert len(backend.containers()) == 1
+
+
+async def test_a_dead_kernel_template_is_replaced_and_its_kernels_end_with_it(oneshots):
+    backend, start = oneshots
+    session = await start()
+    forker = backend._forker
+    assert forker is not None and forker.template is not None
+    old = forker.template.proc
+    old.container.kill()  # as an OOM kill of the whole container would
+    died = await session.execute("print(1)", 30, None)
+    assert died.status == "died", died
+
+    await session.close()  # its restart, if it came first, replaced the template
+    again = await start()
+    assert isinstance(again.kernel.proc, ForkedDockerKernel)
+    assert forker.template.proc is not old
+    assert (await _run(again, "print('after')")).stdout == "after\n"
+    assert [c.id for c in backend.containers()] == [forker.template.proc.container_id]

@@ -343,10 +343,11 @@ class DockerBackend(KernelBackend):
             log_bytes=log_bytes,
         )
 
-        #: throwaway kernels (/run_jupyter's) forked in a kernel template (docker_forked.py)
-        self.forks_kernels = fork_throwaways
-        self._forker = KernelForker(self) if fork_throwaways else None
-        if fork_throwaways:
+        #: throwaway kernels (/run_jupyter's) forked in a kernel template (docker_forked.py);
+        #: only a root service can give each its uid's files
+        self.forks_kernels = fork_throwaways and os.geteuid() == 0
+        self._forker = KernelForker(self) if self.forks_kernels else None
+        if self.forks_kernels:
             # Their working directories: reached by nothing but the kernel template, which
             # cannot list it (each kernel's is its uid's, 0700).
             self.oneshot_dir = oneshot_dir(self.runtime_root, self.instance)

@@ -209,7 +209,7 @@ class KernelForker:
         if self.template is not None:
             why = self.template.proc.log_tail(500)
             log.warning("kernel template died (%s); starting another", why)
-            await self._discard(self.template)
+            await self.template.discard()
             self.template = None
         if self._starting is None:
             if time.monotonic() < self._retry_at:
@@ -236,7 +236,7 @@ class KernelForker:
                     "the image's fork server forks no kernels; rebuild the kernel image"
                 )
         except BaseException:
-            await self._discard(template)
+            await template.discard()
             raise
         base = int(template.info["uid_base"])
         self._range = range(base, base + self.options.slots)
@@ -244,13 +244,6 @@ class KernelForker:
         self.last_error = None
         self.template = template
         return template
-
-    @staticmethod
-    async def _discard(template: Template) -> None:
-        try:
-            await template.proc.kill()
-        finally:
-            await template.proc.cleanup()
 
     def give_back(self, uid: int) -> None:
         if uid in self._range and uid not in self._free:
@@ -262,15 +255,22 @@ class KernelForker:
     async def fork(self, workdir: Path, env: dict[str, str]) -> ForkedDockerKernel | None:
         """A kernel for `workdir` (under the backend's `oneshot_dir`), or None where no
         template serves or every uid is taken."""
-        template = await self._ready()
-        if template is None or not self._free:
-            return None
-        uid = self._free.pop(0)  # the longest free: the template has surely swept it
-        try:
-            return await self._fork(template, uid, workdir, env)
-        except BaseException:
-            self._free.append(uid)
-            raise
+        for _attempt in range(2):  # a template that went away unseen is replaced once
+            template = await self._ready()
+            if template is None or not self._free:
+                return None
+            uid = self._free.pop(0)  # the longest free: the template has surely swept it
+            try:
+                return await self._fork(template, uid, workdir, env)
+            except (ConnectionError, FileNotFoundError) as exc:
+                log.warning("kernel template unreachable (%s); replacing it", exc)
+                if template is self.template:
+                    self.template = None
+                    await template.discard()
+            except BaseException:
+                self._free.append(uid)
+                raise
+        return None
 
     async def _fork(
         self, template: Template, uid: int, workdir: Path, env: dict[str, str]
@@ -335,5 +335,5 @@ class KernelForker:
             with contextlib.suppress(BaseException):
                 await self._starting
         if self.template is not None:
-            await self._discard(self.template)
+            await self.template.discard()
             self.template = None

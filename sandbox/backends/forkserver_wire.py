@@ -195,6 +195,17 @@ class Template:
             for fd in list(owned):
                 _close(fd, owned)
 
+    async def discard(self) -> None:
+        """Kill the template and release what it held."""
+        try:
+            await self.proc.kill()
+        finally:
+            await self.proc.cleanup()
+            if not self.death.done():
+                self.death.cancel()
+            with contextlib.suppress(BaseException):
+                await self.death
+
     async def fork_kernel(
         self, uid: int, request: dict, output_fd: int, timeout: float
     ) -> tuple[socket.socket, int]:
