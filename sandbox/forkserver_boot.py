@@ -681,18 +681,30 @@ def _close_fds_except(keep: int) -> None:
     os.closerange(keep + 1, 1 << 20)
 
 
+def _enter(run_uid: int | None, fds: list[int]) -> dict:
+    """A child's first steps, a run's or a kernel's: its uid, its request, its stdio, no other
+    descriptor open but the result memfd."""
+    req_fd, stdin_fd, out_fd, err_fd, result_fd = fds
+    _reset_signals()
+    _become(run_uid)
+    request = json.loads(_read_all(req_fd))
+    os.dup2(stdin_fd, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    _close_fds_except(result_fd)
+    os.umask(0o077)
+    try:  # when memory runs out, a run goes first, never the template
+        _write_file("/proc/self/oom_score_adj", b"1000")
+    except OSError:
+        pass
+    return request
+
+
 def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], memory: int | None):
     """Runs in the forked child; never returns."""
-    req_fd, stdin_fd, out_fd, err_fd, result_fd = fds
+    result_fd = fds[4]
     try:
-        _reset_signals()
-        _become(run_uid)
-        request = json.loads(_read_all(req_fd))
-        os.dup2(stdin_fd, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        _close_fds_except(result_fd)
-        os.umask(0o077)
+        request = _enter(run_uid, fds)
         if not cfg.isolate:  # isolated, the child made it before isolating itself
             os.mkdir(workdir, 0o700)
         os.chdir(workdir)
@@ -712,10 +724,6 @@ def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], m
         # The rest of the environment is the template's (see main): set, not rebuilt, as
         # every page a child writes is a page copied.
         os.environ.update(HOME=workdir, TMPDIR=workdir, PWD=workdir)
-        try:  # when memory runs out, a run goes first, never the template
-            _write_file("/proc/self/oom_score_adj", b"1000")
-        except OSError:
-            pass
         rlimits = dict(cfg.rlimits)
         if memory:
             rlimits["AS"] = min(memory, rlimits.get("AS", memory))
@@ -741,16 +749,9 @@ def kernel_child_main(cfg: Config, run_uid: int | None, scratch: str, fds: list[
     container's /tmp is shared by every kernel and run of the template."""
     from kernel_boot import harden, run_kernel
 
-    req_fd, stdin_fd, out_fd, err_fd, result_fd = fds
+    result_fd = fds[4]
     try:
-        _reset_signals()
-        _become(run_uid)
-        request = json.loads(_read_all(req_fd))
-        os.dup2(stdin_fd, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        _close_fds_except(result_fd)
-        os.umask(0o077)
+        request = _enter(run_uid, fds)
         os.mkdir(scratch, 0o700)
         workdir = os.path.normpath(request["workdir"])
         if not workdir.startswith(cfg.kernel_root + "/"):
@@ -762,10 +763,6 @@ def kernel_child_main(cfg: Config, run_uid: int | None, scratch: str, fds: list[
             TMPDIR=scratch, IPYTHONDIR=f"{scratch}/ipython", MPLCONFIGDIR=f"{scratch}/matplotlib"
         )
         os.mkdir(os.environ["MPLCONFIGDIR"])
-        try:  # when memory runs out, a kernel goes first, never the template
-            _write_file("/proc/self/oom_score_adj", b"1000")
-        except OSError:
-            pass
         if cfg.nproc and run_uid is not None:
             apply_rlimits({"NPROC": cfg.nproc})
         if "numpy" in sys.modules:
@@ -1421,6 +1418,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--prefork", type=int, default=8)
     parser.add_argument("--kernels", default="", help="also fork kernels working under DIR")
     args = parser.parse_args(argv)
+    if args.kernels and not args.uid_base:
+        parser.error("--kernels needs --uid-base: each kernel has a uid of its own")
 
     pop = os.environ.pop
     run_as = pop("KERNELBOX_RUN_AS", "")

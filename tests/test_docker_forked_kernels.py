@@ -85,6 +85,19 @@ async def test_throwaway_kernels_are_forked_full_kernels_kept_apart(oneshots):
     assert uid_a != uid_b and min(uid_a, uid_b) >= 1_000_000, (uid_a, uid_b)
     assert cwd_a != cwd_b
 
+    # The limits and privileges of a kernel container's kernel, per kernel.
+    limits = await _json(
+        first,
+        "import json, os, resource\n"
+        "status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines()"
+        " if ':\\t' in l)\n"
+        "print(json.dumps([resource.getrlimit(resource.RLIMIT_AS)[0],"
+        " resource.getrlimit(resource.RLIMIT_NPROC)[0], os.nice(0), status['CapEff'].strip(),"
+        " status['NoNewPrivs'].strip()]))",
+    )
+    lim = backend.config.limits
+    assert limits == [lim.memory_bytes, lim.pids, lim.nice, "0000000000000000", "1"], limits
+
     # Files the service writes are the kernel's; what the kernel writes, the service reads.
     await first.workspace.write("given.txt", b"from the host")
     assert (await _run(first, "print(open('given.txt').read())")).stdout == "from the host\n"

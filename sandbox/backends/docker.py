@@ -350,7 +350,7 @@ class DockerBackend(KernelBackend):
         if self.forks_kernels:
             # Their working directories: reached by nothing but the kernel template, which
             # cannot list it (each kernel's is its uid's, 0700).
-            self.oneshot_dir = oneshot_dir(self.runtime_root, self.instance)
+            self.oneshot_dir = oneshot_dir(self.runtime_root.resolve(), self.instance)
             self.oneshot_dir.mkdir(mode=0o711)
 
         if reap:

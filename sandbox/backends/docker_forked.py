@@ -190,7 +190,7 @@ class KernelForker:
     """The Docker backend's kernel template: started on first use, replaced when it dies;
     `fork` returns None while there is none (the backend starts a container instead)."""
 
-    def __init__(self, backend: DockerBackend, slots: int = 64, prefork: int = 4) -> None:
+    def __init__(self, backend: DockerBackend, slots: int = 32, prefork: int = 4) -> None:
         self.backend = backend
         self.options = TemplateOptions(
             slots=slots, prefork=prefork, preload=(), hugepages=False, kernels=True
