@@ -99,6 +99,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from kernel_boot import (
     apply_rlimits,
@@ -700,6 +701,14 @@ def _enter(run_uid: int | None, fds: list[int]) -> dict:
     return request
 
 
+def _setup_failed(result_fd: int, exc: BaseException) -> NoReturn:
+    """The child's set-up failed: say why in the result memfd, exit SETUP_FAILED."""
+    try:
+        _write_all(result_fd, f"E{exc.__class__.__name__}: {exc}".encode())
+    finally:
+        os._exit(SETUP_FAILED)
+
+
 def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], memory: int | None):
     """Runs in the forked child; never returns."""
     result_fd = fds[4]
@@ -733,10 +742,7 @@ def child_main(cfg: Config, run_uid: int | None, workdir: str, fds: list[int], m
         if cfg.nice:
             os.nice(cfg.nice)  # code yields the CPU to the service and the template
     except BaseException as exc:
-        try:
-            _write_all(result_fd, f"E{exc.__class__.__name__}: {exc}".encode())
-        finally:
-            os._exit(SETUP_FAILED)
+        _setup_failed(result_fd, exc)
     os.close(result_fd)
     if request.get("language") == "pytest":
         os._exit(run_pytest(script, [str(a) for a in request.get("args") or []]))
@@ -770,10 +776,7 @@ def kernel_child_main(cfg: Config, run_uid: int | None, scratch: str, fds: list[
         gc.enable()  # the template's is off; a kernel lives long enough to need it
         caps = harden()  # niceness, umask, rlimits from the request's environment
     except BaseException as exc:
-        try:
-            _write_all(result_fd, f"E{exc.__class__.__name__}: {exc}".encode())
-        finally:
-            os._exit(SETUP_FAILED)
+        _setup_failed(result_fd, exc)
     os.close(result_fd)
     try:
         run_kernel(request["argv"], caps)
