@@ -49,7 +49,7 @@ from .base import (
 )
 from .docker_files import seal_runtime_dir
 from .docker_spec import CONTAINER_ONESHOT, CONTAINER_PATH, CONTAINER_RUNTIME
-from .forkserver_wire import ForkServerError, Template
+from .forkserver_wire import SETUP_FAILED, ForkServerError, Template
 from .launch import OutputTail, boot_env, describe_exit, kernel_env, rlimits_for
 
 if TYPE_CHECKING:
@@ -92,7 +92,6 @@ class ForkedDockerKernel(KernelProcess):
         self._output = output
         self._result_fd = result_fd
         self.file_owner = file_owner
-        self._uid_back = False
         self._ended: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
         self._watch = asyncio.ensure_future(self._watch_conn())
         self._sealer: asyncio.Task[None] | None = None
@@ -111,7 +110,7 @@ class ForkedDockerKernel(KernelProcess):
                 buf += chunk
             if buf.endswith(b"\n"):
                 info = self._exit_info(json.loads(buf))
-                self._give_uid_back()  # swept: no process of that uid is left
+                self._owner.give_back(self.uid)  # swept: no process of that uid is left
         except (OSError, ValueError) as exc:
             info = ExitInfo(None, f"lost its kernel template ({exc})")
         finally:
@@ -124,16 +123,11 @@ class ForkedDockerKernel(KernelProcess):
         if reply.get("timeout"):
             return ExitInfo(None, f"killed after {MAX_LIFETIME:.0f} s, the longest it may live")
         code = reply.get("exit")
-        if code == 255:
+        if code == SETUP_FAILED:
             said = os.pread(self._result_fd, 60000, 0)
             if said.startswith(b"E"):
                 return ExitInfo(255, f"could not start: {said[1:].decode(errors='replace')}")
         return describe_exit(code)
-
-    def _give_uid_back(self) -> None:
-        if not self._uid_back:
-            self._uid_back = True
-            self._owner.give_back(self.uid)
 
     async def poll(self) -> ExitInfo | None:
         return self._ended.result() if self._ended.done() else None
@@ -201,7 +195,6 @@ class KernelForker:
         self._range = range(0)  # the running template's uids
         self._kernels: set[ForkedDockerKernel] = set()
         self._retry_at = 0.0
-        self.last_error: str | None = None
 
     async def _ready(self) -> Template | None:
         if self.template is not None and self.template.alive:
@@ -218,7 +211,6 @@ class KernelForker:
         try:
             return await asyncio.shield(self._starting)
         except Exception as exc:
-            self.last_error = f"{exc.__class__.__name__}: {exc}"
             self._retry_at = time.monotonic() + 5.0
             log.warning("kernel template did not start (%s); containers meanwhile", exc)
             return None
@@ -241,7 +233,6 @@ class KernelForker:
         base = int(template.info["uid_base"])
         self._range = range(base, base + self.options.slots)
         self._free = list(self._range)
-        self.last_error = None
         self.template = template
         return template
 
